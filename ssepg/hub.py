@@ -1,0 +1,948 @@
+"""Topics, replay windows and subscribers of one instance, and the fan-out.
+
+Events enter through `Dispatcher.ingest` in the order the broker heard them.
+Each one is encoded once into an SSE frame, stored in its topic's ring and
+queued for fan-out on the topic's shard. A shard drains its queue in bounded
+steps on the IOLoop; each step joins a topic's new frames into one bytes object
+and hands that to every subscriber of the topic (see `ssepg._fast.Channel`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import ctypes
+import ctypes.util
+import itertools
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from ._fast import (
+    GZIP_HEADER,
+    Channel,
+    Message,
+    Ring,
+    Subscriber,
+    comment,
+    encode_frame,
+    fnv1a_32,
+    is_event_name,
+    is_topic,
+    solo_compress,
+)
+from .errors import InvalidTopic, SlowConsumer
+from .log import RateLimitedLog, access_log, hub_log
+
+__all__ = ["Dispatcher", "Event", "Subscription", "new_instance_id", "normalize_topic"]
+
+RETRY_MS = 5000
+KEEP_ALIVE_FRAME = b": keep-alive\n\n"
+GAP_FRAME = b"event: ssepg-gap\ndata: {}\n\n"
+
+# A subscriber whose socket took nothing for this long is dropped. The same
+# bound is set as TCP_USER_TIMEOUT, so the kernel also gives up on a peer that
+# stopped acknowledging (a dead network path) instead of retrying for minutes.
+WRITE_TIMEOUT_S = 30.0
+
+# Frames of one topic joined into one write; a larger backlog goes out in
+# several steps so other topics get their turn.
+MAX_CHUNK_FRAMES = 512
+
+# Frames a shard fans out before it yields to the IOLoop.
+DRAIN_BUDGET_FRAMES = 4096
+
+# Events a multi-topic drain step takes from its queue.
+MULTI_BATCH = 1024
+
+# How many removed topics remember the last event they held, so that a later
+# resume knows whether it missed something.
+DROPPED_TOPICS_REMEMBERED = 100_000
+
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
+def new_instance_id() -> str:
+    """A short random id naming one instance: 8 lowercase base32 characters."""
+    return base64.b32encode(os.urandom(5)).decode("ascii").lower()
+
+
+def normalize_topic(name: str) -> str:
+    """ASCII-lower-case *name* and check it; never Unicode folding.
+
+    :raises InvalidTopic: not ``[a-z0-9_.:-]{1,128}`` once lower-cased, or a
+        dot segment (``.``, ``..``).
+    """
+    if not name.isascii():
+        raise InvalidTopic(f"invalid topic {name!r}")
+    lowered = name.lower()
+    if not is_topic(lowered):
+        raise InvalidTopic(f"invalid topic {name!r}")
+    return lowered
+
+
+class Event:
+    """One event as a `Subscription` yields it.
+
+    ``id`` is the cluster-unique event id (None on ``ssepg-gap``), ``event``
+    the SSE event name, ``raw`` the compact JSON text and ``data`` its decoded
+    value.
+    """
+
+    __slots__ = ("topic", "id", "event", "raw", "_data")
+
+    def __init__(self, topic: str, event_id: str | None, event: str, raw: str) -> None:
+        self.topic = topic
+        self.id = event_id
+        self.event = event
+        self.raw = raw
+        self._data: Any = Event
+
+    @property
+    def data(self) -> Any:
+        if self._data is Event:
+            self._data = json.loads(self.raw)
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Event(topic={self.topic!r}, id={self.id!r}, event={self.event!r}, raw={self.raw!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.topic, self.id, self.event, self.raw) == (
+            other.topic, other.id, other.event, other.raw
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _event_of(message: Message) -> Event:
+    return Event(message.topic, message.id, message.event, message.data.decode("utf-8"))
+
+
+class Subscription:
+    """Events of one topic as an async iterator, for in-process consumers.
+
+    Ends cleanly (``StopAsyncIteration``) after `close` or when the dispatcher
+    closes; raises `SlowConsumer` if more than the dispatcher's
+    ``client_buffer`` bytes of events wait unread. Belongs to the IOLoop of
+    the dispatcher; close it, or use it as an async context manager.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, topic: Topic) -> None:
+        self._dispatcher = dispatcher
+        self._topic = topic
+        self._queue: collections.deque[Event | Message] = collections.deque()
+        self._queued_bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self.is_closed = False
+
+    @property
+    def topic(self) -> str:
+        return self._topic.name
+
+    def _feed(self, messages: Iterable[Message | Event]) -> None:
+        if self.is_closed:
+            return
+        for m in messages:
+            self._queue.append(m)
+            self._queued_bytes += m.size if isinstance(m, Message) else 64
+        if self._queued_bytes > self._dispatcher.client_buffer:
+            self._error = SlowConsumer(
+                f"subscription to {self.topic!r} fell {self._queued_bytes} bytes behind"
+            )
+            self._dispatcher._unsubscribe(self)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._queue:
+            if self.is_closed:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._queue.popleft()
+        if isinstance(item, Message):
+            self._queued_bytes -= item.size
+            return _event_of(item)
+        self._queued_bytes -= 64
+        return item
+
+    def close(self) -> None:
+        """Stop receiving; iteration ends once queued events are read."""
+        self._dispatcher._unsubscribe(self)
+
+    unsubscribe = close
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Topic:
+    """One topic on this instance: its ring (replay window), subscribers and
+    counters. A topic without subscribers holds only its ring: no task, no
+    timer, no queue entry once its last event was processed."""
+
+    __slots__ = (
+        "name", "ring", "channel", "shard", "is_queued", "fanned", "python_subs",
+        "multi_channels", "published", "broadcast", "dropped_clients",
+        "ring_overwrites", "last_activity", "last_activity_unix", "lost_upto",
+        "python_delivered",
+    )
+
+    def __init__(self, name: str, capacity: int, shard: int, lost_upto: int) -> None:
+        self.name = name
+        self.ring = Ring(capacity)
+        self.channel: Channel | None = None
+        self.shard = shard
+        self.is_queued = False
+        self.fanned = 0  # seq of the next message to fan out
+        self.python_subs: list[Subscription] = []
+        self.multi_channels: list[Channel] = []
+        self.published = 0
+        self.broadcast = 0
+        self.dropped_clients = 0
+        self.ring_overwrites = 0
+        self.last_activity = time.monotonic()
+        self.last_activity_unix = time.time()
+        # Highest gseq of an event of this topic this instance may have missed
+        # or dropped: a resume from an older position cannot be complete.
+        self.lost_upto = lost_upto
+        self.python_delivered = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        n = len(self.python_subs)
+        if self.channel is not None:
+            n += len(self.channel)
+        for ch in self.multi_channels:
+            n += len(ch)
+        return n
+
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(
+            self.python_subs or self.multi_channels
+            or (self.channel is not None and len(self.channel))
+        )
+
+
+class Dispatcher:
+    """In-process topics, replay windows and subscriptions.
+
+    Usable alone for in-process pub/sub (`publish`, `subscribe`) and, inside
+    a `ssepg.Service`, fed by a broker through `ingest`. It belongs to the
+    IOLoop it is first used on; `close` it on that loop.
+
+    :param ring_capacity: events kept per topic (a power of two); also the
+        replay window for ``Last-Event-ID``.
+    :param fanout_shards: fan-out queues; topics are spread over them by hash
+        and each drains in bounded steps, so one hot topic cannot starve
+        others.
+    :param client_buffer: unsent bytes a subscriber may accumulate before it
+        is dropped as a slow consumer.
+    :param keep_alive: seconds between heartbeat comments on SSE streams.
+    """
+
+    def __init__(
+        self,
+        *,
+        ring_capacity: int = 1024,
+        fanout_shards: int = 4,
+        client_buffer: int = 1 << 20,
+        keep_alive: float = 15.0,
+        topic_idle_timeout: float = 300.0,
+        instance_id: str | None = None,
+    ) -> None:
+        if ring_capacity < 1 or ring_capacity & (ring_capacity - 1):
+            raise ValueError(f"ring_capacity must be a power of two, got {ring_capacity!r}")
+        if fanout_shards < 1:
+            raise ValueError(f"fanout_shards must be at least 1, got {fanout_shards!r}")
+        self.ring_capacity = ring_capacity
+        self.fanout_shards = fanout_shards
+        self.client_buffer = client_buffer
+        self.keep_alive = keep_alive
+        self.topic_idle_timeout = topic_idle_timeout
+        self.instance_id = instance_id or new_instance_id()
+        self.topics: dict[str, Topic] = {}
+        self.gseq = 0
+        self.gap_gseq = 0
+        self._counter = itertools.count(1)
+        self._index: dict[str, Message] = {}
+        self._shards: list[collections.deque[Topic]] = [
+            collections.deque() for _ in range(fanout_shards)
+        ]
+        self._shard_scheduled = [False] * fanout_shards
+        self._groups: dict[tuple[str, ...], Channel] = {}
+        self._multi_queue: collections.deque[Message] = collections.deque()
+        self._multi_scheduled = False
+        self._channels: set[Channel] = set()
+        self._streams: set[Subscriber] = set()
+        self._lagging: list[Subscriber] = []
+        self._dead: list[Subscriber] = []
+        self._slow: list[Subscriber] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heartbeat_handle: asyncio.TimerHandle | None = None
+        self._dropped_topics: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._dropped_floor = 0
+        self._slow_log = RateLimitedLog(hub_log, 30)
+        self.is_closed = False
+        # Totals since start; per-topic figures live on each Topic.
+        self.received = 0
+        self.published = 0
+        self.broadcast = 0
+        self.dropped_clients = 0
+        self.ring_overwrites = 0
+        self.python_delivered = 0
+        self.removed_topics = 0
+        self.multi_delivered_retired = 0
+
+    # Loop and ids ------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def next_id(self) -> str:
+        """A new event id, unique across instances: ``<instance>-<counter>``."""
+        return f"{self.instance_id}-{next(self._counter)}"
+
+    # Events in ---------------------------------------------------------------
+
+    def publish(self, topic: str, data: Any, event: str | None = None) -> str:
+        """Deliver *data* (any JSON-serialisable value but None) to every
+        subscriber of *topic* in this process and return the event id.
+
+        :raises InvalidTopic: bad topic id.
+        :raises ValueError: bad event name, or *data* is None.
+        """
+        if data is None:
+            raise ValueError("data must not be None")
+        raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False,
+                         allow_nan=False).encode("utf-8")
+        return self.publish_raw(normalize_topic(topic), raw, event)
+
+    def publish_raw(self, topic: str, data: bytes, event: str | None = None) -> str:
+        """Like `publish` for a normalised topic and compact JSON bytes."""
+        if self.is_closed:
+            raise RuntimeError("dispatcher is closed")
+        if event is None:
+            event = "message"
+        elif not is_event_name(event):
+            raise ValueError(f"invalid event name {event!r}")
+        event_id = self.next_id()
+        self.ingest(topic, event_id, event, data)
+        self.count_published(topic)
+        return event_id
+
+    def count_published(self, topic: str) -> None:
+        """Count one event published through this instance on *topic*."""
+        self.published += 1
+        t = self.topics.get(topic)
+        if t is not None:
+            t.published += 1
+
+    def ingest(self, topic: str, event_id: str, event: str, data: bytes) -> Message:
+        """Take one event heard from the broker, in arrival order.
+
+        *topic*, *event_id* and *event* must be valid (the broker checks
+        envelopes) and *data* compact JSON.
+        """
+        t = self.topics.get(topic)
+        if t is None:
+            t = self._create_topic(topic)
+        ring = t.ring
+        if ring.head - t.fanned >= ring.capacity:
+            # Never overwrite an event that was not fanned out yet.
+            self._fan_topic(t)
+            self._settle()
+        self.gseq += 1
+        msg = Message(topic, event_id, event, data, ring.head, self.gseq)
+        old = ring.append(msg)
+        if old is not None:
+            if self._index.get(old.id) is old:
+                del self._index[old.id]
+            t.lost_upto = old.gseq
+            t.ring_overwrites += 1
+            self.ring_overwrites += 1
+        self._index[event_id] = msg
+        self.received += 1
+        t.last_activity = time.monotonic()
+        t.last_activity_unix = time.time()
+        if not t.has_subscribers:
+            # Passive topic: nothing to send, the window is all it keeps.
+            t.fanned = ring.head
+            t.broadcast += 1
+            self.broadcast += 1
+        elif not t.is_queued:
+            t.is_queued = True
+            self._shards[t.shard].append(t)
+            if not self._shard_scheduled[t.shard]:
+                self._shard_scheduled[t.shard] = True
+                self.loop.call_soon(self._drain_shard, t.shard)
+        if self._groups or self._multi_queue:
+            self._multi_queue.append(msg)
+            if not self._multi_scheduled:
+                self._multi_scheduled = True
+                self.loop.call_soon(self._drain_multi)
+        return msg
+
+    def _create_topic(self, name: str) -> Topic:
+        lost = max(self.gap_gseq, self._dropped_topics.pop(name, self._dropped_floor))
+        t = Topic(name, self.ring_capacity, fnv1a_32(name) % self.fanout_shards, lost)
+        self.topics[name] = t
+        return t
+
+    # Fan-out -----------------------------------------------------------------
+
+    def _fan_topic(self, t: Topic) -> int:
+        ring = t.ring
+        start = t.fanned
+        stop = min(ring.head, start + MAX_CHUNK_FRAMES)
+        n = stop - start
+        if n <= 0:
+            return 0
+        ch = t.channel
+        if ch is not None and len(ch):
+            ch.deliver(ring.join_frames(start, stop), n, self._lagging, self._dead, self._slow)
+        if t.python_subs:
+            messages = ring.messages(start, stop)
+            for sub in list(t.python_subs):
+                sub._feed(messages)
+            t.python_delivered += n * len(t.python_subs)
+            self.python_delivered += n * len(t.python_subs)
+        t.fanned = stop
+        t.broadcast += n
+        self.broadcast += n
+        return n
+
+    def _drain_shard(self, index: int) -> None:
+        self._shard_scheduled[index] = False
+        queue = self._shards[index]
+        budget = DRAIN_BUDGET_FRAMES
+        while queue and budget > 0:
+            t = queue.popleft()
+            budget -= self._fan_topic(t)
+            if t.fanned < t.ring.head:
+                queue.append(t)
+            else:
+                t.is_queued = False
+        self._settle()
+        if queue and not self._shard_scheduled[index]:
+            self._shard_scheduled[index] = True
+            self.loop.call_soon(self._drain_shard, index)
+
+    def _drain_multi(self) -> None:
+        self._multi_scheduled = False
+        queue = self._multi_queue
+        chunks: dict[Channel, list[bytes]] = {}
+        for _ in range(min(MULTI_BATCH, len(queue))):
+            msg = queue.popleft()
+            t = self.topics.get(msg.topic)
+            if t is None or not t.multi_channels:
+                continue
+            frame = msg.multi_frame
+            for ch in t.multi_channels:
+                frames = chunks.get(ch)
+                if frames is None:
+                    chunks[ch] = [frame]
+                else:
+                    frames.append(frame)
+        for ch, frames in chunks.items():
+            ch.deliver(b"".join(frames), len(frames), self._lagging, self._dead, self._slow)
+        self._settle()
+        if queue and not self._multi_scheduled:
+            self._multi_scheduled = True
+            self.loop.call_soon(self._drain_multi)
+
+    def _multi_bound(self) -> int:
+        # Every event up to this gseq went through the multi-topic fan-out.
+        return self._multi_queue[0].gseq - 1 if self._multi_queue else self.gseq
+
+    def flush(self) -> None:
+        """Fan out everything queued now, without waiting for the IOLoop."""
+        for index, queue in enumerate(self._shards):
+            while queue:
+                t = queue.popleft()
+                while t.fanned < t.ring.head:
+                    self._fan_topic(t)
+                t.is_queued = False
+            self._shard_scheduled[index] = False
+        while self._multi_queue:
+            self._drain_multi()
+        self._settle()
+
+    def _settle(self) -> None:
+        # Deal with the subscribers the last deliveries sorted out.
+        if self._lagging:
+            lagging, self._lagging = self._lagging, []
+            now = time.monotonic()
+            for sub in lagging:
+                if not sub.is_closed:
+                    sub.stalled_since = now
+                    self.loop.add_writer(sub.fd, self._on_writable, sub)
+        if self._slow:
+            slow, self._slow = self._slow, []
+            for sub in slow:
+                self._drop_slow(sub, "slow consumer")
+        if self._dead:
+            dead, self._dead = self._dead, []
+            for sub in dead:
+                self._remove(sub, "connection lost")
+
+    # SSE streams -------------------------------------------------------------
+
+    def add_stream(
+        self,
+        sock: socket.socket,
+        topics: tuple[str, ...],
+        *,
+        head: bytes = b"",
+        is_gzip: bool = False,
+        last_event_id: str | None = None,
+        retry_ms: int = RETRY_MS,
+    ) -> Subscriber | None:
+        """Serve an SSE stream of *topics* (normalised ids) on *sock*, a
+        connected non-blocking socket the dispatcher now owns and closes.
+
+        *head* (the HTTP response head) goes out first, then the preamble, a
+        replay of what the windows hold after *last_event_id* (or
+        ``ssepg-reset`` for each topic that cannot be resumed), then live
+        events. Returns None when the client is already gone.
+        """
+        if self.is_closed:
+            raise RuntimeError("dispatcher is closed")
+        if not topics:
+            raise ValueError("a stream needs at least one topic")
+        is_multi = len(topics) > 1
+        ts = [self.topics.get(name) or self._create_topic(name) for name in topics]
+        parts = [b"retry: %d\n\n" % retry_ms, comment("listening " + ",".join(topics))]
+        if last_event_id is not None:
+            parts.extend(self._resume_frames(ts, last_event_id, is_multi))
+        plain = b"".join(parts)
+        label = ",".join(topics)
+        sub = Subscriber(sock, is_gzip, label, time.monotonic())
+        _tune_socket(sock)
+        if is_gzip:
+            sub.account(plain)
+            rc = sub.write_raw(head + GZIP_HEADER + solo_compress(plain))
+        else:
+            rc = sub.write_raw(head + plain)
+        if rc < 0:
+            sock.close()
+            return None
+        # Replay and preamble may exceed client_buffer; the slow-consumer
+        # bound applies to what comes after them.
+        sub.grace = sub.queued_bytes
+        if is_multi:
+            key = tuple(sorted(set(topics)))
+            ch = self._groups.get(key)
+            if ch is None:
+                ch = self._groups[key] = Channel(key, self.client_buffer)
+                for t in ts:
+                    t.multi_channels.append(ch)
+        else:
+            t = ts[0]
+            ch = t.channel
+            if ch is None:
+                ch = t.channel = Channel(t.name, self.client_buffer)
+            if t.fanned < t.ring.head and not t.is_queued:
+                t.is_queued = True
+                self._shards[t.shard].append(t)
+        ch.add(sub)
+        self._channels.add(ch)
+        self._streams.add(sub)
+        loop = self.loop
+        loop.add_reader(sub.fd, self._on_readable, sub)
+        if rc == 1:
+            sub.stalled_since = time.monotonic()
+            loop.add_writer(sub.fd, self._on_writable, sub)
+        if self._heartbeat_handle is None:
+            self._heartbeat_handle = loop.call_later(self.keep_alive, self._heartbeat)
+        hub_log.debug("subscribed %s (fd %d%s)", label, sub.fd, ", gzip" if is_gzip else "")
+        return sub
+
+    def _resume_frames(self, ts: list[Topic], last_event_id: str, is_multi: bool) -> list[bytes]:
+        anchor = self._index.get(last_event_id)
+        resets: list[bytes] = []
+        replay: list[Message] = []
+        bound = self._multi_bound() if is_multi else 0
+        for t in ts:
+            if anchor is None or anchor.gseq <= self.gap_gseq or anchor.gseq < t.lost_upto:
+                resets.append(reset_frame(t.name))
+                continue
+            ring = t.ring
+            start = ring.first_after_gseq(anchor.gseq)
+            for m in ring.messages(start, ring.head if is_multi else t.fanned):
+                if is_multi and m.gseq > bound:
+                    break
+                replay.append(m)
+        if is_multi:
+            replay.sort(key=_gseq_of)
+            return resets + [m.multi_frame for m in replay]
+        return resets + [m.frame for m in replay]
+
+    def streams(self) -> list[Subscriber]:
+        """The open SSE streams."""
+        return list(self._streams)
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    def _on_readable(self, sub: Subscriber) -> None:
+        try:
+            data = sub.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._remove(sub, "connection reset")
+            return
+        if not data:
+            self._remove(sub, "closed by client")
+        # Anything else a client sends on an event stream is ignored.
+
+    def _on_writable(self, sub: Subscriber) -> None:
+        status, _frames = sub.flush()
+        if status == 0:
+            self.loop.remove_writer(sub.fd)
+            sub.stalled_since = 0.0
+        elif status < 0:
+            self._remove(sub, "connection lost")
+        else:
+            sub.stalled_since = time.monotonic()
+
+    def _drop_slow(self, sub: Subscriber, reason: str) -> None:
+        if sub.is_closed:
+            return
+        queued = sub.drop_queue()
+        self.dropped_clients += 1
+        ch = sub.channel
+        if ch is not None:
+            ch.dropped_clients += 1
+            for name in _channel_topics(ch):
+                t = self.topics.get(name)
+                if t is not None:
+                    t.dropped_clients += 1
+        self._slow_log.log(
+            "dropped subscriber of %s: %s, %d bytes unsent (limit %d)",
+            sub.label, reason, queued, self.client_buffer,
+        )
+        self.close_stream(sub, comment(reason))
+
+    def close_stream(self, sub: Subscriber, goodbye: bytes = b"", reason: str = "closed") -> None:
+        """Send *goodbye* (plain SSE bytes) if the socket takes it at once,
+        end a gzip stream properly, and close."""
+        if sub.is_closed:
+            return
+        if sub.is_gzip:
+            packed = b""
+            if goodbye:
+                sub.account(goodbye)
+                packed = solo_compress(goodbye)
+            sub.send_now(packed + sub.gzip_end())
+        elif goodbye:
+            sub.send_now(goodbye)
+        self._remove(sub, reason)
+
+    def _remove(self, sub: Subscriber, reason: str) -> None:
+        if sub.is_closed:
+            return
+        sub.is_closed = True
+        loop = self.loop
+        loop.remove_reader(sub.fd)
+        loop.remove_writer(sub.fd)
+        ch = sub.channel
+        if ch is not None:
+            ch.remove(sub)
+            if not len(ch):
+                self._retire_channel(ch)
+        self._streams.discard(sub)
+        try:
+            sub.sock.close()
+        except OSError:
+            pass
+        access_log.info(
+            "GET %s stream 200 %.3fs %s", sub.label, time.monotonic() - sub.started, reason
+        )
+
+    def _retire_channel(self, ch: Channel) -> None:
+        self._channels.discard(ch)
+        key = ch.key
+        if isinstance(key, tuple):
+            self._groups.pop(key, None)
+            for name in key:
+                t = self.topics.get(name)
+                if t is not None and ch in t.multi_channels:
+                    t.multi_channels.remove(ch)
+            self.multi_delivered_retired += ch.delivered_frames
+        ch.release()
+        # A single-topic channel stays on its topic (its counters feed health)
+        # until the topic itself is removed.
+
+    def _heartbeat(self) -> None:
+        self._heartbeat_handle = None
+        if self.is_closed:
+            return
+        now = time.monotonic()
+        stalled: list[Subscriber] = []
+        for ch in list(self._channels):
+            if len(ch):
+                ch.heartbeat(KEEP_ALIVE_FRAME, now, WRITE_TIMEOUT_S, self._lagging,
+                             self._dead, self._slow, stalled)
+        self._settle()
+        for sub in stalled:
+            self._drop_slow(sub, "write timeout")
+        if self._streams:
+            self._heartbeat_handle = self.loop.call_later(self.keep_alive, self._heartbeat)
+
+    def mark_gap(self) -> None:
+        """Tell every subscriber that events may have been missed (the broker
+        lost its connection). A later resume from before this point answers
+        ``ssepg-reset``."""
+        self.flush()
+        self.gap_gseq = self.gseq
+        for ch in list(self._channels):
+            if len(ch):
+                ch.deliver(GAP_FRAME, 0, self._lagging, self._dead, self._slow)
+        for t in self.topics.values():
+            for sub in list(t.python_subs):
+                sub._feed([Event(t.name, None, "ssepg-gap", "{}")])
+        self._settle()
+
+    # In-process subscriptions ------------------------------------------------
+
+    def subscribe(self, topic: str, last_event_id: str | None = None) -> Subscription:
+        """Receive the events of *topic* published from now on (or after
+        *last_event_id*, as far as the window holds; otherwise an
+        ``ssepg-reset`` event comes first).
+
+        :raises InvalidTopic: bad topic id.
+        """
+        if self.is_closed:
+            raise RuntimeError("dispatcher is closed")
+        name = normalize_topic(topic)
+        t = self.topics.get(name) or self._create_topic(name)
+        sub = Subscription(self, t)
+        if last_event_id is not None:
+            anchor = self._index.get(last_event_id)
+            if anchor is None or anchor.gseq <= self.gap_gseq or anchor.gseq < t.lost_upto:
+                sub._feed([Event(name, None, "ssepg-reset", '{"topic":"%s"}' % name)])
+            else:
+                sub._feed(t.ring.messages(t.ring.first_after_gseq(anchor.gseq), t.fanned))
+        t.python_subs.append(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if sub.is_closed:
+            return
+        sub.is_closed = True
+        t = sub._topic
+        if sub in t.python_subs:
+            t.python_subs.remove(sub)
+        sub._wake()
+
+    # Maintenance -------------------------------------------------------------
+
+    def remove_idle_topics(self, idle_timeout: float | None = None) -> tuple[int, int]:
+        """Remove topics without subscribers and without traffic for
+        *idle_timeout* seconds; returns how many and the bytes they held."""
+        timeout = self.topic_idle_timeout if idle_timeout is None else idle_timeout
+        cutoff = time.monotonic() - timeout
+        removed = freed = 0
+        for name, t in list(self.topics.items()):
+            if t.last_activity <= cutoff and not t.has_subscribers and not t.is_queued:
+                freed += topic_memory(t)
+                self._drop_topic(t)
+                removed += 1
+        self.removed_topics += removed
+        if removed:
+            _release_free_memory()
+        return removed, freed
+
+    def _drop_topic(self, t: Topic) -> None:
+        for m in t.ring.clear():
+            if self._index.get(m.id) is m:
+                del self._index[m.id]
+        del self.topics[t.name]
+        self._dropped_topics[t.name] = self.gseq
+        while len(self._dropped_topics) > DROPPED_TOPICS_REMEMBERED:
+            _, gseq = self._dropped_topics.popitem(last=False)
+            self._dropped_floor = max(self._dropped_floor, gseq)
+
+    def shrink_windows(self, with_subscribers: bool = False) -> tuple[int, int]:
+        """Halve the replay window of every topic without subscribers (or,
+        with *with_subscribers*, of those with subscribers, down to 16
+        events). Returns the topics shrunk and the bytes freed."""
+        shrunk = freed = 0
+        for t in self.topics.values():
+            if t.has_subscribers != with_subscribers:
+                continue
+            ring = t.ring
+            floor = 16 if with_subscribers else 1
+            if ring.capacity <= floor and len(ring) <= floor:
+                continue
+            before = ring.nbytes
+            capacity = max(floor, ring.capacity // 2)
+            dropped = ring.set_capacity(capacity)
+            for m in dropped:
+                if self._index.get(m.id) is m:
+                    del self._index[m.id]
+                t.lost_upto = max(t.lost_upto, m.gseq)
+            freed += before - ring.nbytes
+            shrunk += 1
+        if freed:
+            _release_free_memory()
+        return shrunk, freed
+
+    def restore_windows(self) -> int:
+        """Give every shrunk window its full capacity back; returns how many."""
+        restored = 0
+        for t in self.topics.values():
+            if t.ring.capacity != self.ring_capacity:
+                t.ring.set_capacity(self.ring_capacity)
+                restored += 1
+        return restored
+
+    # Figures -----------------------------------------------------------------
+
+    def topic_stats(self, t: Topic, now: float, stamp: float) -> dict[str, Any]:
+        ch = t.channel
+        pending = ch.pending_bytes() if ch is not None else 0
+        delivered = (ch.delivered_frames if ch is not None else 0) + t.python_delivered
+        subscribers = t.subscriber_count
+        return {
+            "topic": t.name,
+            "subscribers": subscribers,
+            "dispatch_depth": t.ring.head - t.fanned,
+            "pending_to_clients": pending,
+            "published": t.published,
+            "broadcast": t.broadcast,
+            "delivered_frames": delivered,
+            "dropped_clients": t.dropped_clients,
+            "ring_overwrites": t.ring_overwrites,
+            "window_events": len(t.ring),
+            "window_capacity": t.ring.capacity,
+            "memory_usage_bytes": topic_memory(t),
+            "last_activity_unix": round(t.last_activity_unix, 3),
+            "is_idle": subscribers == 0 and now - t.last_activity >= self.topic_idle_timeout,
+        }
+
+    def stats(self, limit: int | None = None) -> dict[str, Any]:
+        """Totals and per-topic figures (the *limit* busiest topics: most
+        frames delivered, then most events broadcast, then most subscribers)."""
+        now = time.monotonic()
+        stamp = time.time()
+        topics = [self.topic_stats(t, now, stamp) for t in self.topics.values()]
+        multi_pending = sum(ch.pending_bytes() for ch in self._groups.values())
+        multi_delivered = self.multi_delivered_retired + sum(
+            ch.delivered_frames for ch in self._groups.values()
+        )
+        totals = {
+            "topics": len(topics),
+            "subscribers": len(self._streams) + sum(len(t.python_subs) for t in self.topics.values()),
+            "streams": len(self._streams),
+            "dispatch_depth": sum(x["dispatch_depth"] for x in topics) + len(self._multi_queue),
+            "pending_to_clients": sum(x["pending_to_clients"] for x in topics) + multi_pending,
+            "published": self.published,
+            "received": self.received,
+            "broadcast": self.broadcast,
+            "delivered_frames": sum(x["delivered_frames"] for x in topics) + multi_delivered,
+            "dropped_clients": self.dropped_clients,
+            "ring_overwrites": self.ring_overwrites,
+            "total_memory_usage_bytes": sum(x["memory_usage_bytes"] for x in topics),
+            "idle_topics": sum(1 for x in topics if x["is_idle"]),
+            "removed_topics": self.removed_topics,
+        }
+        topics.sort(
+            key=lambda x: (x["delivered_frames"], x["broadcast"], x["subscribers"]),
+            reverse=True,
+        )
+        if limit is not None:
+            topics = topics[:limit]
+        return {"totals": totals, "topics": topics}
+
+    # Shutdown ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every stream and subscription at once. Idempotent."""
+        if self.is_closed:
+            return
+        for sub in list(self._streams):
+            self.close_stream(sub, comment("server shutting down"), "shutdown")
+        for t in self.topics.values():
+            for py_sub in list(t.python_subs):
+                self._unsubscribe(py_sub)
+        self.is_closed = True
+        if self._heartbeat_handle is not None:
+            self._heartbeat_handle.cancel()
+            self._heartbeat_handle = None
+
+
+def reset_frame(topic: str) -> bytes:
+    """The ``ssepg-reset`` event for *topic*: no ``id:``, so a client keeps
+    its last id."""
+    return encode_frame(None, "ssepg-reset", b'{"topic":"' + topic.encode("ascii") + b'"}')
+
+
+def topic_memory(t: Topic) -> int:
+    """Bytes a topic holds: its window's messages, slots and bookkeeping."""
+    return t.ring.nbytes + 8 * t.ring.slots_allocated + 400
+
+
+def _gseq_of(m: Message) -> int:
+    return m.gseq
+
+
+def _channel_topics(ch: Channel) -> tuple[str, ...]:
+    key = ch.key
+    return key if isinstance(key, tuple) else (key,)
+
+
+def _tune_socket(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if _TCP_USER_TIMEOUT is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(WRITE_TIMEOUT_S * 1000))
+    except OSError:
+        pass  # not TCP (a Unix socket in tests): nothing to tune
+
+
+_libc_trim: Any = None
+
+
+def _release_free_memory() -> None:
+    # Return freed heap pages to the OS so RSS follows what ssepg releases
+    # (glibc keeps them otherwise). A no-op elsewhere.
+    global _libc_trim
+    if _libc_trim is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc_trim = getattr(ctypes.CDLL(name), "malloc_trim", False) if name else False
+        except OSError:
+            _libc_trim = False
+    if _libc_trim:
+        _libc_trim(0)
