@@ -822,9 +822,6 @@ cdef class Deflater:
         return self._run(<const unsigned char *>PyBytes_AS_STRING(data),
                          PyBytes_GET_SIZE(data), Z_FULL_FLUSH if full else Z_SYNC_FLUSH)
 
-    def reset(self):
-        """Forget all history, as a new stream would."""
-        deflateReset(&self.strm)
 
 
 # One shared deflater compresses pieces that must not depend on any history
@@ -1167,20 +1164,6 @@ cdef class Subscriber:
         self.crc = crc32(self.crc, p, <unsigned int>n)
         self.plain_size += n
         return 0
-
-    def write(self, bytes plain, Py_ssize_t nframes=0):
-        """Send *plain* to this subscriber alone (compressed on its own for
-        gzip). Returns 0 when the socket took it, 1 when it started to lag,
-        2 when it queued behind earlier data, -1 when the socket failed."""
-        if not self.is_gzip:
-            return self._push(plain, nframes)
-        if self.channel is not None and self.channel.deflater is not None and self.in_sync:
-            # Private bytes shift the distances the shared stream refers to:
-            # this subscriber takes private pieces until the next sync point.
-            self.in_sync = False
-            self.channel.out_of_sync += 1
-        self._gzip_account(plain)
-        return self._push(_solo_compress(plain), nframes)
 
     def account(self, bytes plain):
         """Count *plain* into the gzip trailer (CRC-32 and size) without
