@@ -479,6 +479,104 @@ def decode_string(bytes buf, Py_ssize_t start, Py_ssize_t end):
     return _decode_key(buf, start, end)
 
 
+cdef int _known_key(bytes buf, Py_ssize_t start, Py_ssize_t end) except -1:
+    # Which envelope field a member name is: 1 topic, 2 id, 3 data, 4 event,
+    # 0 anything else. start..end covers the name with its quotes.
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t n = end - start - 2
+    cdef Py_ssize_t k
+    cdef str name
+    for k in range(start + 1, end - 1):
+        if s[k] == 92:
+            # An escaped name is rare but legal JSON: compare it decoded.
+            name = _decode_key(buf, start, end)
+            return {"topic": 1, "id": 2, "data": 3, "event": 4}.get(name, 0)
+    s += start + 1
+    if n == 5 and s[0] == 116 and s[1] == 111 and s[2] == 112 and s[3] == 105 and s[4] == 99:
+        return 1
+    if n == 2 and s[0] == 105 and s[1] == 100:
+        return 2
+    if n == 4 and s[0] == 100 and s[1] == 97 and s[2] == 116 and s[3] == 97:
+        return 3
+    if n == 5 and s[0] == 101 and s[1] == 118 and s[2] == 101 and s[3] == 110 and s[4] == 116:
+        return 4
+    return 0
+
+
+def parse_envelope(bytes payload):
+    """Check a NOTIFY payload and return ``(topic, id, event, data)`` with
+    *data* compact JSON bytes and *event* ``"message"`` when absent or null.
+
+    :raises ValueError: not valid JSON, not an object, a missing or non-string
+        topic or id, an invalid topic, id or event name, data missing or null.
+    """
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t i, key_start, key_end, value_start
+    cdef Py_ssize_t spans[10]
+    cdef int err = 0, which
+    cdef str topic, event_id, event = "message"
+    for which in range(10):
+        spans[which] = -1
+    check_utf8(payload)
+    i = _skip_ws(s, 0, n)
+    if i >= n or s[i] != 123:
+        raise JSONError("envelope is not a json object")
+    i = _skip_ws(s, i + 1, n)
+    if i < n and s[i] == 125:
+        i += 1
+    else:
+        while True:
+            if i >= n or s[i] != 34:
+                raise JSONError("invalid json")
+            key_start = i
+            i = _scan_string(s, i, n, &err)
+            if i < 0:
+                _raise_scan_error(err)
+            key_end = i
+            i = _skip_ws(s, i, n)
+            if i >= n or s[i] != 58:
+                raise JSONError("invalid json")
+            value_start = _skip_ws(s, i + 1, n)
+            i = _scan_value(s, value_start, n, 1, &err)
+            if i < 0:
+                _raise_scan_error(err)
+            which = _known_key(payload, key_start, key_end)
+            if which:
+                spans[2 * which] = value_start
+                spans[2 * which + 1] = i
+            i = _skip_ws(s, i, n)
+            if i < n and s[i] == 44:
+                i = _skip_ws(s, i + 1, n)
+                continue
+            if i < n and s[i] == 125:
+                i += 1
+                break
+            raise JSONError("invalid json")
+    if _skip_ws(s, i, n) != n:
+        raise JSONError("trailing data after json value")
+    for which, name in ((1, "topic"), (2, "id"), (3, "data")):
+        if spans[2 * which] < 0:
+            raise ValueError(f"envelope lacks {name!r}")
+    if s[spans[2]] != 34 or s[spans[4]] != 34:
+        raise ValueError("envelope topic and id must be strings")
+    topic = _decode_key(payload, spans[2], spans[3])
+    event_id = _decode_key(payload, spans[4], spans[5])
+    if not is_topic(topic):
+        raise ValueError(f"invalid topic {topic!r}")
+    if not is_event_id(event_id):
+        raise ValueError(f"invalid event id {event_id!r}")
+    if spans[7] - spans[6] == 4 and s[spans[6]] == 110:
+        raise ValueError("envelope data is null")
+    if spans[8] >= 0 and not (spans[9] - spans[8] == 4 and s[spans[8]] == 110):
+        if s[spans[8]] != 34:
+            raise ValueError("envelope event must be a string")
+        event = _decode_key(payload, spans[8], spans[9])
+        if not is_event_name(event):
+            raise ValueError(f"invalid event name {event!r}")
+    return topic, event_id, event, compact(payload, spans[6], spans[7])
+
+
 # Names and hashing ------------------------------------------------------------
 
 def fnv1a_32(data):

@@ -16,6 +16,7 @@ same order. It keeps three connections, none shared between tasks:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
@@ -26,18 +27,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from ._fast import (
-    JSONError,
-    compact,
-    decode_string,
-    fnv1a_32,
-    is_event_id,
-    is_event_name,
-    is_topic,
-    object_spans,
-    span_is_null,
-    span_is_string,
-)
+from ._fast import JSONError, fnv1a_32, parse_envelope
 from .errors import BrokerError, PublishError
 from .hub import Dispatcher
 from .log import RateLimitedLog, broker_log
@@ -72,7 +62,14 @@ MAX_BATCH_BYTES = 4 << 20
 PUBLISH_CONNECTIONS = 2
 
 _NOTIFY_ONE = "SELECT pg_notify(%s, %s)"
-_NOTIFY_MANY = "SELECT count(pg_notify(c, p)) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
+# A batch travels as one json parameter, [[channel, envelope], ...]: Postgres'
+# json type keeps each element's text byte for byte, and building it is one
+# bytes join here, where a text[] parameter would be escaped item by item.
+_NOTIFY_MANY = (
+    "SELECT count(pg_notify(e->>0, (e->1)::text)) FROM json_array_elements(%s::json) AS e"
+)
+
+_Item = tuple[str, bytes, "asyncio.Future[None]"]
 
 
 def channel_for(topic: str, shards: int) -> str:
@@ -90,40 +87,6 @@ def build_envelope(topic: str, event_id: str, event: str, data: bytes) -> bytes:
         b'{"topic":"' + topic.encode("ascii") + b'","data":' + data
         + b',"id":"' + event_id.encode("ascii") + tail
     )
-
-
-def parse_envelope(payload: bytes) -> tuple[str, str, str, bytes]:
-    """Check a NOTIFY payload and return ``(topic, id, event, data)``.
-
-    :raises ValueError: not a valid envelope (bad JSON, bad topic, id or
-        event name, missing or null data).
-    """
-    spans = object_spans(payload)
-    try:
-        t0, t1 = spans["topic"]
-        i0, i1 = spans["id"]
-        d0, d1 = spans["data"]
-    except KeyError as exc:
-        raise ValueError(f"envelope lacks {exc.args[0]!r}") from None
-    if not span_is_string(payload, t0, t1) or not span_is_string(payload, i0, i1):
-        raise ValueError("envelope topic and id must be strings")
-    topic = decode_string(payload, t0, t1)
-    event_id = decode_string(payload, i0, i1)
-    if not is_topic(topic):
-        raise ValueError(f"invalid topic {topic!r}")
-    if not is_event_id(event_id):
-        raise ValueError(f"invalid event id {event_id!r}")
-    if span_is_null(payload, d0, d1):
-        raise ValueError("envelope data is null")
-    event = "message"
-    ev = spans.get("event")
-    if ev is not None and not span_is_null(payload, ev[0], ev[1]):
-        if not span_is_string(payload, ev[0], ev[1]):
-            raise ValueError("envelope event must be a string")
-        event = decode_string(payload, ev[0], ev[1])
-        if not is_event_name(event):
-            raise ValueError(f"invalid event name {event!r}")
-    return topic, event_id, event, compact(payload, d0, d1)
 
 
 class Broker:
@@ -249,6 +212,12 @@ async def _close_quietly(conn: psycopg.AsyncConnection[Any] | None) -> None:
         _kill_socket(conn)
 
 
+def _describe(exc: BaseException) -> str:
+    # libpq messages run over several lines; a log line takes the first.
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _backoff(attempt: int) -> float:
     delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(attempt, 16))
     return delay * random.uniform(0.8, 1.2)
@@ -308,6 +277,7 @@ class _Listener:
         self._held: list[tuple[bytes, bytes]] | None = None
         self.is_connected = False
         self.has_connected = False
+        self.is_path_silent = False
         self.pid: int | None = None
 
     async def run(self) -> None:
@@ -324,13 +294,18 @@ class _Listener:
                 await self._teardown()
                 raise
             except (psycopg.Error, OSError, TimeoutError, _RoundTripError) as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = _describe(exc)
                 if isinstance(exc, _RoundTripError):
                     broker.listen_error = reason
                     broker_log.error("%s", reason)
             await self._teardown()
             if broker.is_closing:
                 break
+            if self.is_path_silent:
+                # A path that went silent for the listener has most likely
+                # gone silent for the other connections to the server too.
+                self.is_path_silent = False
+                await broker.drop_suspect_connections()
             attempt += 1
             broker.reconnect_attempts += 1
             delay = _backoff(attempt)
@@ -374,7 +349,7 @@ class _Listener:
             await self._broker.monitor.notify(self._broker.private_channel, self._round_trip_token)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             raise _RoundTripError(
-                f"round-trip test could not send its NOTIFY: {exc}".strip()
+                f"round-trip test could not send its NOTIFY: {_describe(exc)}"
             ) from exc
         try:
             await asyncio.wait_for(asyncio.shield(self._round_trip), ROUND_TRIP_TIMEOUT_S)
@@ -411,7 +386,7 @@ class _Listener:
                 else:
                     self._on_notify(n.relname, n.extra)
         except psycopg.Error as exc:
-            self._lose(f"connection lost: {str(exc).strip() or type(exc).__name__}")
+            self._lose(f"connection lost: {_describe(exc)}")
 
     def _on_notify(self, relname: bytes, extra: bytes) -> None:
         broker = self._broker
@@ -449,13 +424,14 @@ class _Listener:
                 self._probe_busy = True
             pg.flush()
         except psycopg.Error as exc:
-            self._lose(f"liveness probe failed: {exc}")
+            self._lose(f"liveness probe failed: {_describe(exc)}")
             return
         self._probe_deadline = self._loop.call_later(PROBE_TIMEOUT_S, self._probe_expired)
         self._probe_handle = self._loop.call_later(PROBE_INTERVAL_S + PROBE_TIMEOUT_S, self._probe)
 
     def _probe_expired(self) -> None:
         self._probe_deadline = None
+        self.is_path_silent = True
         self._lose(f"no answer to the liveness probe within {PROBE_TIMEOUT_S:g} s")
 
     def _lose(self, reason: str) -> None:
@@ -493,31 +469,60 @@ class _RoundTripError(Exception):
     pass
 
 
+def _batch_json(batch: list[_Item]) -> str:
+    # Channel names are ASCII from a fixed pattern and envelopes are valid
+    # JSON, so the array needs no escaping.
+    parts = [b'["' + c.encode("ascii") + b'",' + p + b"]" for c, p, _ in batch]
+    return (b"[" + b",".join(parts) + b"]").decode("utf-8")
+
+
 class _Publisher:
     """Batches concurrent publishes into one statement per round trip, on up
     to `PUBLISH_CONNECTIONS` connections at once."""
 
     def __init__(self, broker: PostgresBroker) -> None:
         self._broker = broker
-        self._pending: list[tuple[str, str, asyncio.Future[None]]] = []
+        self._pending: list[_Item] = []
         self._conns: list[psycopg.AsyncConnection[Any] | None] = [None] * PUBLISH_CONNECTIONS
         self._busy = [False] * PUBLISH_CONNECTIONS
         self._tasks: set[asyncio.Task[None]] = set()
+        self._deadlines: collections.deque[tuple[float, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._log = RateLimitedLog(broker_log, 30)
         self.batches = 0
         self.is_connected = False
 
-    async def publish(self, channel: str, payload: str, timeout: float) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def publish(self, channel: str, payload: bytes, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._pending.append((channel, payload, fut))
+        # One timer serves every waiting publish: the timeout is the same for
+        # all, so deadlines come in order (no task or timer per publish).
+        self._deadlines.append((loop.time() + timeout, fut))
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_later(timeout, self._expire)
         self._kick()
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            # Still queued: it will be skipped. Already sent: it may yet
-            # arrive, which the 503 cannot take back.
-            fut.cancel()
-            raise BrokerError(f"publish not confirmed within {timeout:g} s") from None
+        await fut
+
+    def _expire(self) -> None:
+        self._deadline_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, fut = deadlines.popleft()
+            if not fut.done():
+                # Still queued: it will be skipped. Already sent: it may yet
+                # arrive, which the 503 cannot take back.
+                fut.set_exception(BrokerError(
+                    f"publish not confirmed within {self._broker.config.publish_timeout:g} s"
+                ))
+        while deadlines and deadlines[0][1].done():
+            deadlines.popleft()
+        if deadlines:
+            self._deadline_timer = loop.call_later(deadlines[0][0] - now, self._expire)
 
     def _kick(self) -> None:
         for slot in range(PUBLISH_CONNECTIONS):
@@ -530,7 +535,7 @@ class _Publisher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _take_batch(self) -> list[tuple[str, str, asyncio.Future[None]]]:
+    def _take_batch(self) -> list[_Item]:
         batch = []
         size = 0
         pending = self._pending
@@ -557,7 +562,7 @@ class _Publisher:
         if self._pending and not self._broker.is_closing:
             self._kick()
 
-    async def _send(self, slot: int, batch: list[tuple[str, str, asyncio.Future[None]]]) -> None:
+    async def _send(self, slot: int, batch: list[_Item]) -> None:
         broker = self._broker
         attempts = broker.config.publish_retries + 1
         for attempt in range(attempts):
@@ -570,10 +575,12 @@ class _Publisher:
                     conn = self._conns[slot] = await _connect(broker.dsn)
                     self.is_connected = True
                 if len(batch) == 1:
-                    work = conn.execute(_NOTIFY_ONE, (batch[0][0], batch[0][1]), prepare=True)
+                    work = conn.execute(
+                        _NOTIFY_ONE, (batch[0][0], batch[0][1].decode("utf-8")), prepare=True
+                    )
                 else:
                     work = conn.execute(
-                        _NOTIFY_MANY, ([c for c, _, _ in batch], [p for _, p, _ in batch]),
+                        _NOTIFY_MANY, (_batch_json(batch),),
                         prepare=True,
                     )
                 await _bounded(conn, work, broker.config.publish_timeout)
@@ -583,7 +590,7 @@ class _Publisher:
                 self.is_connected = False
                 await _close_quietly(conn)
                 self._log.log("publish connection failed (%s); %d attempts left",
-                              str(exc).strip() or type(exc).__name__, attempts - attempt - 1)
+                              _describe(exc), attempts - attempt - 1)
                 if attempt + 1 < attempts:
                     await broker.sleep(_backoff(attempt) / 4)
                 continue
@@ -602,7 +609,7 @@ class _Publisher:
                 fut.set_exception(BrokerError("Postgres is unreachable"))
 
     async def _send_each(
-        self, slot: int, batch: list[tuple[str, str, asyncio.Future[None]]]
+        self, slot: int, batch: list[_Item]
     ) -> None:
         timeout = self._broker.config.publish_timeout
         for channel, payload, fut in batch:
@@ -613,7 +620,9 @@ class _Publisher:
                 fut.set_exception(BrokerError("Postgres is unreachable"))
                 continue
             try:
-                await _bounded(conn, conn.execute(_NOTIFY_ONE, (channel, payload)), timeout)
+                await _bounded(
+                    conn, conn.execute(_NOTIFY_ONE, (channel, payload.decode("utf-8"))), timeout
+                )
             except psycopg.OperationalError as exc:
                 fut.set_exception(BrokerError(f"publish failed: {exc}"))
             except TimeoutError as exc:
@@ -626,6 +635,19 @@ class _Publisher:
                 if not fut.done():
                     fut.set_result(None)
 
+    def drop_connections(self) -> None:
+        """Shut every publish connection down: a statement in flight fails at
+        once and is retried on a new connection instead of waiting out the
+        publish timeout on a dead path; idle connections are replaced."""
+        for slot, conn in enumerate(self._conns):
+            _kill_socket(conn)
+            if conn is not None and not self._busy[slot]:
+                self._conns[slot] = None
+                self.is_connected = False
+                task = asyncio.ensure_future(_close_quietly(conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
         for _, _, fut in self._pending:
             if not fut.done():
@@ -637,6 +659,10 @@ class _Publisher:
         for slot, conn in enumerate(self._conns):
             self._conns[slot] = None
             await _close_quietly(conn)
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadlines.clear()
         self.is_connected = False
 
 
@@ -690,6 +716,14 @@ class PostgresBroker(Broker):
         if self._on_change is not None:
             self._on_change(is_up)
 
+    async def drop_suspect_connections(self) -> None:
+        """Replace the publish and monitor connections after the listener
+        found its path to Postgres silently dead; each reconnects on next
+        use."""
+        if self._publisher is not None:
+            self._publisher.drop_connections()
+        await self.monitor.close()
+
     async def sleep(self, delay: float) -> None:
         """Sleep that `close` cuts short."""
         assert self._wake is not None
@@ -719,7 +753,7 @@ class PostgresBroker(Broker):
             raise BrokerError("broker is closing")
         channel = channel_for(topic, self.config.notify_shards)
         await self._publisher.publish(
-            channel, envelope.decode("utf-8"), self.config.publish_timeout
+            channel, envelope, self.config.publish_timeout
         )
 
     async def _poll_queue(self) -> None:

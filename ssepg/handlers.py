@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import random
 import re
 import time
@@ -240,8 +241,9 @@ class _BaseHandler(tornado.web.RequestHandler):
 
     def on_finish(self) -> None:
         status = self.get_status()
+        # Client mistakes (4xx) are routine; only server-side failures warn.
         access_log.log(
-            20 if status < 400 else 30,
+            logging.INFO if status < 500 else logging.WARNING,
             "%s %s %d %.3fs %s", self.request.method, self.request.path, status,
             time.monotonic() - self._started, self._topic_label,
         )
@@ -272,8 +274,13 @@ class _BodyLimitMixin(_BaseHandler):
         self._chunks: list[bytes] = []
         self._body_size = 0
         self._too_large = False
+        self._holding = False
         if self.request.method != "POST":
             return
+        # From here until the event is ingested, fan-outs may wait a moment
+        # for it, so that events published together leave together.
+        self.service.dispatcher.hold()
+        self._holding = True
         length = self.request.headers.get("Content-Length")
         limit = self.config.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
@@ -287,8 +294,27 @@ class _BodyLimitMixin(_BaseHandler):
         if self._body_size > self.config.max_body_bytes:
             self._too_large = True
             self._chunks = []
+            # Answer now; Tornado then closes the connection instead of
+            # reading the rest (a chunked body past Tornado's own limit
+            # would otherwise end in a bare 400 without a JSON body).
+            limit = self.config.max_body_bytes
+            exc = ApiError(413, "request body too large", size=self._body_size, limit=limit)
+            self.send_error(413, exc_info=(ApiError, exc, None))
             return
         self._chunks.append(chunk)
+
+    def _stop_holding(self) -> None:
+        if getattr(self, "_holding", False):
+            self._holding = False
+            self.service.dispatcher.release()
+
+    def on_finish(self) -> None:
+        self._stop_holding()
+        super().on_finish()
+
+    def on_connection_close(self) -> None:
+        self._stop_holding()
+        super().on_connection_close()
 
     def take_body(self) -> bytes:
         if self._too_large:
@@ -318,7 +344,11 @@ class TopicEventsHandler(_BodyLimitMixin):
             return
         last_event_id = self.request.headers.get("Last-Event-ID")
         if last_event_id is None:
-            last_event_id = self.get_query_argument("last_event_id", None)
+            # Decoded leniently: an id that is not UTF-8 is merely unknown,
+            # answered with ssepg-reset like any other, not with a 400.
+            raw_ids = self.request.query_arguments.get("last_event_id")
+            if raw_ids:
+                last_event_id = raw_ids[-1].decode("utf-8", "replace")
         is_gzip = accepts_gzip(self.request.headers.get("Accept-Encoding"))
         head = self._stream_head(is_gzip)
         stream = self.detach()
@@ -356,7 +386,12 @@ class TopicEventsHandler(_BodyLimitMixin):
         self.set_header("Cache-Control", "no-cache, no-transform")
         self.set_header("Retry-After", str(max(1, retry_ms // 1000)))
         self.set_header("Connection", "close")
-        self.finish(b"retry: %d\n\n: server busy\n\n" % retry_ms)
+        finished = self.finish(b"retry: %d\n\n: server busy\n\n" % retry_ms)
+        # Tornado keeps an HTTP/1.1 connection open unless the request asked
+        # otherwise; the busy answer closes it, as its header says.
+        stream = getattr(self.request.connection, "stream", None)
+        if stream is not None:
+            finished.add_done_callback(lambda _: stream.close())
 
     async def post(self, path: str) -> None:
         topics = parse_topics(path)

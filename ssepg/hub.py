@@ -14,6 +14,7 @@ import base64
 import collections
 import ctypes
 import ctypes.util
+import errno
 import itertools
 import json
 import os
@@ -58,6 +59,11 @@ DRAIN_BUDGET_FRAMES = 4096
 
 # Events a multi-topic drain step takes from its queue.
 MULTI_BATCH = 1024
+
+# Longest a fan-out waits for events already on their way (publish requests
+# being parsed): events that arrive together leave in one write per
+# subscriber, which is where fan-out throughput comes from.
+MAX_COALESCE_S = 0.002
 
 # How many removed topics remember the last event they held, so that a later
 # resume knows whether it missed something.
@@ -299,6 +305,8 @@ class Dispatcher:
         self._multi_scheduled = False
         self._channels: set[Channel] = set()
         self._streams: set[Subscriber] = set()
+        self._holds = 0
+        self._waiting_since: float | None = None
         self._lagging: list[Subscriber] = []
         self._dead: list[Subscriber] = []
         self._slow: list[Subscriber] = []
@@ -317,6 +325,7 @@ class Dispatcher:
         self.python_delivered = 0
         self.removed_topics = 0
         self.multi_delivered_retired = 0
+        self.delivered_retired = 0
 
     # Loop and ids ------------------------------------------------------------
 
@@ -361,9 +370,12 @@ class Dispatcher:
     def count_published(self, topic: str) -> None:
         """Count one event published through this instance on *topic*."""
         self.published += 1
+        # The event may not be back from the broker yet: the topic is created
+        # now (as its arrival would) so that the count is not lost.
         t = self.topics.get(topic)
-        if t is not None:
-            t.published += 1
+        if t is None:
+            t = self._create_topic(topic)
+        t.published += 1
 
     def ingest(self, topic: str, event_id: str, event: str, data: bytes) -> Message:
         """Take one event heard from the broker, in arrival order.
@@ -439,7 +451,28 @@ class Dispatcher:
         self.broadcast += n
         return n
 
+    def hold(self) -> None:
+        """Say that an event is on its way (a publish request is being read):
+        fan-outs wait for it, at most `MAX_COALESCE_S`. Pair with `release`."""
+        self._holds += 1
+
+    def release(self) -> None:
+        """The event announced by `hold` was ingested, or will not come."""
+        self._holds -= 1
+
+    def _should_wait(self) -> bool:
+        if not self._holds:
+            return False
+        now = self.loop.time()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        return now - self._waiting_since < MAX_COALESCE_S
+
     def _drain_shard(self, index: int) -> None:
+        if self._should_wait():
+            self.loop.call_soon(self._drain_shard, index)
+            return
+        self._waiting_since = None
         self._shard_scheduled[index] = False
         queue = self._shards[index]
         budget = DRAIN_BUDGET_FRAMES
@@ -456,6 +489,10 @@ class Dispatcher:
             self.loop.call_soon(self._drain_shard, index)
 
     def _drain_multi(self) -> None:
+        if self._should_wait():
+            self.loop.call_soon(self._drain_multi)
+            return
+        self._waiting_since = None
         self._multi_scheduled = False
         queue = self._multi_queue
         chunks: dict[Channel, list[bytes]] = {}
@@ -587,6 +624,11 @@ class Dispatcher:
 
     def _resume_frames(self, ts: list[Topic], last_event_id: str, is_multi: bool) -> list[bytes]:
         anchor = self._index.get(last_event_id)
+        if anchor is not None and (self._multi_queue or any(t.fanned < t.ring.head for t in ts)):
+            # The client may come from an instance that ran ahead of this one:
+            # events up to its id can still wait for fan-out here, and would
+            # reach it a second time. Fan them out now; the replay does the rest.
+            self.flush()
         resets: list[bytes] = []
         replay: list[Message] = []
         bound = self._multi_bound() if is_multi else 0
@@ -618,15 +660,24 @@ class Dispatcher:
             data = sub.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            self._remove(sub, "connection reset")
+        except OSError as exc:
+            if exc.errno == errno.ETIMEDOUT:
+                # TCP_USER_TIMEOUT fired: the client took nothing for
+                # WRITE_TIMEOUT_S (the kernel tends to notice before the
+                # heartbeat does), so it counts as a write timeout.
+                self._drop_slow(sub, "write timeout")
+            else:
+                self._remove(sub, "connection reset")
             return
         if not data:
             self._remove(sub, "closed by client")
         # Anything else a client sends on an event stream is ignored.
 
     def _on_writable(self, sub: Subscriber) -> None:
-        status, _frames = sub.flush()
+        status, frames = sub.flush()
+        if frames and sub.channel is not None:
+            # Frames that waited for the socket count once they left in full.
+            sub.channel.delivered_frames += frames
         if status == 0:
             self.loop.remove_writer(sub.fd)
             sub.stalled_since = 0.0
@@ -749,6 +800,8 @@ class Dispatcher:
         sub = Subscription(self, t)
         if last_event_id is not None:
             anchor = self._index.get(last_event_id)
+            if anchor is not None and t.fanned < t.ring.head:
+                self.flush()  # as in _resume_frames: no event twice
             if anchor is None or anchor.gseq <= self.gap_gseq or anchor.gseq < t.lost_upto:
                 sub._feed([Event(name, None, "ssepg-reset", '{"topic":"%s"}' % name)])
             else:
@@ -784,6 +837,11 @@ class Dispatcher:
         return removed, freed
 
     def _drop_topic(self, t: Topic) -> None:
+        # Totals stay totals since start when the topic goes.
+        ch = t.channel
+        self.delivered_retired += t.python_delivered + (
+            ch.delivered_frames if ch is not None else 0
+        )
         for m in t.ring.clear():
             if self._index.get(m.id) is m:
                 del self._index[m.id]
@@ -805,14 +863,14 @@ class Dispatcher:
             floor = 16 if with_subscribers else 1
             if ring.capacity <= floor and len(ring) <= floor:
                 continue
-            before = ring.nbytes
+            before = topic_memory(t)
             capacity = max(floor, ring.capacity // 2)
             dropped = ring.set_capacity(capacity)
             for m in dropped:
                 if self._index.get(m.id) is m:
                     del self._index[m.id]
                 t.lost_upto = max(t.lost_upto, m.gseq)
-            freed += before - ring.nbytes
+            freed += before - topic_memory(t)
             shrunk += 1
         if freed:
             _release_free_memory()
@@ -870,7 +928,8 @@ class Dispatcher:
             "published": self.published,
             "received": self.received,
             "broadcast": self.broadcast,
-            "delivered_frames": sum(x["delivered_frames"] for x in topics) + multi_delivered,
+            "delivered_frames": sum(x["delivered_frames"] for x in topics)
+            + multi_delivered + self.delivered_retired,
             "dropped_clients": self.dropped_clients,
             "ring_overwrites": self.ring_overwrites,
             "total_memory_usage_bytes": sum(x["memory_usage_bytes"] for x in topics),

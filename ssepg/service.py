@@ -194,7 +194,8 @@ class Service:
         :raises InvalidTopic: bad topic id.
         :raises PayloadTooLarge: the envelope exceeds ``max_notify_bytes``.
         :raises BrokerError: not taken within ``publish_timeout``, or closing.
-        :raises ValueError: *data* is None or not serialisable, bad event name.
+        :raises ValueError: *data* is None or holds NaN or infinity, bad event name.
+        :raises TypeError: *data* holds a value JSON cannot represent.
         """
         if data is None:
             raise ValueError("data must not be None")

@@ -1,0 +1,296 @@
+"""`ssepg.Dispatcher` on its own: in-process publish and subscribe."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from support import DEADLINE_S, unique_topic
+
+from ssepg import Dispatcher, Event, InvalidTopic, SlowConsumer, Subscription
+
+
+@pytest.fixture
+def dispatcher(io_loop) -> Iterator[Dispatcher]:
+    d = Dispatcher(ring_capacity=16, fanout_shards=2)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+async def take(sub: Subscription, count: int) -> list[Event]:
+    """The next *count* events of *sub*, with a generous deadline."""
+
+    async def run() -> list[Event]:
+        return [await anext(sub) for _ in range(count)]
+
+    return await asyncio.wait_for(run(), DEADLINE_S)
+
+
+async def drain(sub: Subscription) -> list[Event]:
+    """Every event until the iteration ends."""
+
+    async def run() -> list[Event]:
+        return [e async for e in sub]
+
+    return await asyncio.wait_for(run(), DEADLINE_S)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_subscribe_returns_async_iterator_of_events(dispatcher):
+    topic = unique_topic()
+    sub = dispatcher.subscribe(topic)
+    assert sub.topic == topic
+    assert sub.__aiter__() is sub
+    first = dispatcher.publish(topic, {"n": 1, "text": "héllo"})
+    second = dispatcher.publish(topic, [1, 2.50, None], event="update")
+    events = await take(sub, 2)
+    assert [(e.topic, e.id, e.event) for e in events] == [
+        (topic, first, "message"),
+        (topic, second, "update"),
+    ]
+    assert events[0].raw == '{"n":1,"text":"héllo"}'
+    assert events[0].data == {"n": 1, "text": "héllo"}
+    assert events[1].raw == "[1,2.5,null]"
+    assert events[1].data == [1, 2.5, None]
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_publish_returns_unique_ids_of_this_instance(dispatcher):
+    topic = unique_topic()
+    ids = [dispatcher.publish(topic, i) for i in range(50)]
+    assert len(set(ids)) == 50
+    assert all(i.startswith(dispatcher.instance_id + "-") for i in ids)
+    other = Dispatcher()
+    try:
+        assert other.instance_id != dispatcher.instance_id
+    finally:
+        other.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_publish_delivers_to_every_subscriber_in_order(dispatcher):
+    topic = unique_topic()
+    subs = [dispatcher.subscribe(topic) for _ in range(4)]
+    ids = [dispatcher.publish(topic, {"n": n}) for n in range(200)]
+    for sub in subs:
+        events = await take(sub, 200)
+        assert [e.id for e in events] == ids
+        assert [e.data["n"] for e in events] == list(range(200))
+        sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_publish_interleaved_with_reads_keeps_order(dispatcher):
+    topic = unique_topic()
+    sub = dispatcher.subscribe(topic)
+    seen = []
+    for n in range(30):
+        dispatcher.publish(topic, n)
+        if n % 3 == 2:
+            seen += [e.data for e in await take(sub, 3)]
+    assert seen == list(range(30))
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_topics_are_isolated(dispatcher):
+    a, b = unique_topic("a"), unique_topic("b")
+    sub_a = dispatcher.subscribe(a)
+    sub_b = dispatcher.subscribe(b)
+    dispatcher.publish(a, "for a")
+    dispatcher.publish(b, "for b")
+    dispatcher.flush()
+    sub_a.close()
+    sub_b.close()
+    assert [e.data for e in await drain(sub_a)] == ["for a"]
+    assert [e.data for e in await drain(sub_b)] == ["for b"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_upper_case_topic_is_folded(dispatcher):
+    topic = unique_topic()
+    sub = dispatcher.subscribe(topic.upper())
+    assert sub.topic == topic
+    dispatcher.publish(topic.upper(), 1)
+    events = await take(sub, 1)
+    assert events[0].topic == topic
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_subscription_ends_cleanly_when_closed(dispatcher):
+    topic = unique_topic()
+    sub = dispatcher.subscribe(topic)
+    reader = asyncio.ensure_future(drain(sub))
+    dispatcher.publish(topic, 1)
+    dispatcher.publish(topic, 2)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not reader.done()
+    # Close while the reader waits: it ends after the events already queued.
+    dispatcher.publish(topic, 3)
+    dispatcher.flush()
+    sub.close()
+    assert [e.data for e in await reader] == [1, 2, 3]
+    assert sub.is_closed
+    # Events published afterwards do not reach a closed subscription.
+    dispatcher.publish(topic, 4)
+    with pytest.raises(StopAsyncIteration):
+        await anext(sub)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_subscription_close_is_idempotent_and_works_as_context_manager(
+    dispatcher,
+):
+    topic = unique_topic()
+    async with dispatcher.subscribe(topic) as sub:
+        dispatcher.publish(topic, "x")
+        assert (await take(sub, 1))[0].data == "x"
+    assert sub.is_closed
+    sub.close()
+    sub.unsubscribe()
+    assert await drain(sub) == []
+    assert dispatcher.stats()["totals"]["subscribers"] == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_subscription_ends_when_dispatcher_closes(io_loop):
+    d = Dispatcher()
+    topic = unique_topic()
+    subs = [d.subscribe(topic) for _ in range(3)]
+    readers = [asyncio.ensure_future(drain(s)) for s in subs]
+    d.publish(topic, "last")
+    d.flush()
+    d.close()
+    for reader in readers:
+        assert [e.data for e in await reader] == ["last"]
+    assert d.is_closed
+    d.close()  # idempotent
+    with pytest.raises(RuntimeError):
+        d.publish(topic, 1)
+    with pytest.raises(RuntimeError):
+        d.subscribe(topic)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_resume_replays_after_last_event_id(dispatcher):
+    topic = unique_topic()
+    ids = [dispatcher.publish(topic, n) for n in range(5)]
+    sub = dispatcher.subscribe(topic, last_event_id=ids[1])
+    dispatcher.publish(topic, 5)
+    events = await take(sub, 4)
+    assert [e.data for e in events] == [2, 3, 4, 5]
+    assert [e.id for e in events[:3]] == ids[2:]
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_resume_from_latest_id_replays_nothing(dispatcher):
+    topic = unique_topic()
+    ids = [dispatcher.publish(topic, n) for n in range(3)]
+    sub = dispatcher.subscribe(topic, last_event_id=ids[-1])
+    dispatcher.publish(topic, "live")
+    assert [e.data for e in await take(sub, 1)] == ["live"]
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_resume_ignores_events_of_other_topics(dispatcher):
+    topic, other = unique_topic(), unique_topic()
+    anchor = dispatcher.publish(topic, 0)
+    dispatcher.publish(other, "other")
+    dispatcher.publish(topic, 1)
+    sub = dispatcher.subscribe(topic, last_event_id=anchor)
+    assert [(e.topic, e.data) for e in await take(sub, 1)] == [(topic, 1)]
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_resume_from_unknown_id_signals_reset_first(dispatcher):
+    topic = unique_topic()
+    dispatcher.publish(topic, "before")
+    sub = dispatcher.subscribe(topic, last_event_id="nobody-1")
+    dispatcher.publish(topic, "after")
+    events = await take(sub, 2)
+    assert events[0].event == "ssepg-reset"
+    assert events[0].id is None
+    assert events[0].data == {"topic": topic}
+    assert (events[1].event, events[1].data) == ("message", "after")
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_resume_from_id_older_than_window_signals_reset(dispatcher):
+    topic = unique_topic()
+    ids = [dispatcher.publish(topic, n) for n in range(40)]  # window holds 16
+    sub = dispatcher.subscribe(topic, last_event_id=ids[3])
+    dispatcher.publish(topic, "live")
+    events = await take(sub, 2)
+    assert events[0].event == "ssepg-reset"
+    assert events[1].data == "live"
+    sub.close()
+    # The newest ids are still in the window and resume without a reset.
+    sub = dispatcher.subscribe(topic, last_event_id=ids[-3])
+    assert [e.data for e in await take(sub, 3)] == [38, 39, "live"]
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_subscription_that_does_not_read_gets_slow_consumer(io_loop):
+    d = Dispatcher(client_buffer=4096)
+    topic = unique_topic()
+    try:
+        stalled = d.subscribe(topic)
+        reader = d.subscribe(topic)
+        payload = {"pad": "x" * 200}
+        for n in range(60):
+            d.publish(topic, {**payload, "n": n})
+            # The reading subscription keeps up, one event at a time.
+            assert (await take(reader, 1))[0].data["n"] == n
+        assert stalled.is_closed
+        assert not reader.is_closed
+        received = []
+        with pytest.raises(SlowConsumer):
+            async for event in stalled:
+                received.append(event.data["n"])
+        # What was queued before the drop is still readable, in order, and
+        # stays under the buffer plus the event that crossed it.
+        assert received == list(range(len(received)))
+        assert 4 <= len(received) < 60
+        d.publish(topic, {"n": "after"})
+        assert (await take(reader, 1))[0].data == {"n": "after"}
+    finally:
+        d.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_invalid_arguments_raise(dispatcher):
+    topic = unique_topic()
+    for bad in ("", "a" * 129, "a/b", "a b", "caf\u00e9", "\u212a", "..", "a\n"):
+        with pytest.raises(InvalidTopic):
+            dispatcher.publish(bad, 1)
+        with pytest.raises(InvalidTopic):
+            dispatcher.subscribe(bad)
+    with pytest.raises(ValueError, match="None"):
+        dispatcher.publish(topic, None)
+    for bad_event in ("", "a b", "x" * 65, "caf\u00e9", "a\nb"):
+        with pytest.raises(ValueError, match="invalid event name"):
+            dispatcher.publish(topic, 1, event=bad_event)
+    with pytest.raises(ValueError):
+        dispatcher.publish(topic, float("nan"))
+    with pytest.raises(TypeError):
+        dispatcher.publish(topic, object())
+    # Nothing of the refused calls was stored.
+    assert topic not in dispatcher.topics or len(dispatcher.topics[topic].ring) == 0
+
+
+def test_constructor_checks_its_arguments():
+    with pytest.raises(ValueError, match="power of two"):
+        Dispatcher(ring_capacity=100)
+    with pytest.raises(ValueError, match="fanout_shards"):
+        Dispatcher(fanout_shards=0)
