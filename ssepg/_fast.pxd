@@ -73,6 +73,7 @@ cdef class Subscriber:
         readonly Py_ssize_t queued_bytes
         public bint is_closed
         public bint is_slow
+        readonly bint is_truncated
         public double stalled_since
         public double started
         public object label

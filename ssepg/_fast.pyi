@@ -107,6 +107,7 @@ class Subscriber:
     queued_bytes: int
     is_closed: bool
     is_slow: bool
+    is_truncated: bool
     stalled_since: float
     started: float
     label: str | None

@@ -727,7 +727,9 @@ cdef class Message:
         """Bytes held for this message: its object, id and frame. Fixed for the
         message's lifetime so a ring can add and subtract it; the multi-topic
         frame, made only when such streams exist, is not included."""
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(self.frame) + len(self.id) + 160
+        # Object headers of the message, its id and frame, plus its entry in
+        # the dispatcher's id index: about 230 bytes besides the contents.
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(self.frame) + len(self.id) + 230
         if self._raw_data is not None:
             n += PyBytes_GET_SIZE(self._raw_data)
         return n
@@ -1274,7 +1276,10 @@ cdef class Subscriber:
 
     def gzip_end(self):
         """The bytes that end this subscriber's gzip member: a final block and
-        the CRC-32 and size trailer."""
+        the CRC-32 and size trailer; nothing once data was dropped, since the
+        trailer would then not match what the client received."""
+        if self.is_truncated:
+            return b""
         return gzip_trailer(self.crc, self.plain_size)
 
     def flush(self):
@@ -1316,17 +1321,33 @@ cdef class Subscriber:
             return (1 if rc == 1 else -1), frames
 
     def send_now(self, bytes data):
-        """Best-effort write that never queues (a goodbye before closing)."""
+        """Best-effort write that never queues (a goodbye before closing).
+
+        A chunk that went out in part is completed first, so the goodbye
+        never lands inside a frame; if the socket cannot take all of it at
+        once, nothing more is written and False is returned."""
         cdef Py_ssize_t sent
-        if self.is_closed or self.pending is not None:
+        if self.is_closed:
             return False
+        if self.pending is not None:
+            if self.backlog:
+                return False
+            data = self.pending[self.pending_off:] + data
+            self.pending = None
         return _send_all(self.fd, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &sent) == 0
 
     def drop_queue(self):
-        """Forget everything queued; returns the number of bytes dropped."""
+        """Forget what is queued, except the rest of a chunk that went out in
+        part (a frame must not be cut); returns the number of bytes dropped.
+        For gzip, the stream is then truncated: `gzip_end` gives nothing."""
         cdef Py_ssize_t n = self.queued_bytes
-        self.pending = None
+        if self.pending is not None and self.pending_off > 0:
+            n -= PyBytes_GET_SIZE(self.pending) - self.pending_off
+        elif self.pending is not None:
+            self.pending = None
+        if n > 0:
+            self.is_truncated = True
         self.backlog = None
         self.backlog_frames = 0
-        self.queued_bytes = 0
+        self.queued_bytes -= n
         return n

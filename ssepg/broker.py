@@ -69,7 +69,8 @@ _NOTIFY_MANY = (
     "SELECT count(pg_notify(e->>0, (e->1)::text)) FROM json_array_elements(%s::json) AS e"
 )
 
-_Item = tuple[str, bytes, "asyncio.Future[None]"]
+# channel, envelope, the publisher's future, its deadline on the loop clock
+_Item = tuple[str, bytes, "asyncio.Future[None]", float]
 
 
 def channel_for(topic: str, shards: int) -> str:
@@ -219,7 +220,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _backoff(attempt: int) -> float:
-    delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(attempt, 16))
+    delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** min(attempt, 16))
     return delay * random.uniform(0.8, 1.2)
 
 
@@ -472,7 +473,7 @@ class _RoundTripError(Exception):
 def _batch_json(batch: list[_Item]) -> str:
     # Channel names are ASCII from a fixed pattern and envelopes are valid
     # JSON, so the array needs no escaping.
-    parts = [b'["' + c.encode("ascii") + b'",' + p + b"]" for c, p, _ in batch]
+    parts = [b'["' + c.encode("ascii") + b'",' + p + b"]" for c, p, _, _ in batch]
     return (b"[" + b",".join(parts) + b"]").decode("utf-8")
 
 
@@ -486,9 +487,7 @@ class _Publisher:
         self._conns: list[psycopg.AsyncConnection[Any] | None] = [None] * PUBLISH_CONNECTIONS
         self._busy = [False] * PUBLISH_CONNECTIONS
         self._tasks: set[asyncio.Task[None]] = set()
-        self._deadlines: collections.deque[tuple[float, asyncio.Future[None]]] = (
-            collections.deque()
-        )
+        self._in_flight: list[list[_Item] | None] = [None] * PUBLISH_CONNECTIONS
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._log = RateLimitedLog(broker_log, 30)
         self.batches = 0
@@ -497,32 +496,34 @@ class _Publisher:
     async def publish(self, channel: str, payload: bytes, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._pending.append((channel, payload, fut))
-        # One timer serves every waiting publish: the timeout is the same for
-        # all, so deadlines come in order (no task or timer per publish).
-        self._deadlines.append((loop.time() + timeout, fut))
+        self._pending.append((channel, payload, fut, loop.time() + timeout))
         if self._deadline_timer is None:
             self._deadline_timer = loop.call_later(timeout, self._expire)
         self._kick()
         await fut
 
     def _expire(self) -> None:
+        # One timer serves every publish (no task or timer each): it fails
+        # the futures past their deadline, then waits for the next deadline.
+        # Queued and in-flight items are in deadline order, so only the head
+        # of each list is looked at.
         self._deadline_timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, fut = deadlines.popleft()
-            if not fut.done():
+        message = f"publish not confirmed within {self._broker.config.publish_timeout:g} s"
+        upcoming = []
+        for items in [self._pending, *self._in_flight]:
+            for _, _, fut, deadline in items or ():
+                if fut.done():
+                    continue
+                if deadline > now:
+                    upcoming.append(deadline)
+                    break
                 # Still queued: it will be skipped. Already sent: it may yet
                 # arrive, which the 503 cannot take back.
-                fut.set_exception(BrokerError(
-                    f"publish not confirmed within {self._broker.config.publish_timeout:g} s"
-                ))
-        while deadlines and deadlines[0][1].done():
-            deadlines.popleft()
-        if deadlines:
-            self._deadline_timer = loop.call_later(deadlines[0][0] - now, self._expire)
+                fut.set_exception(BrokerError(message))
+        if upcoming:
+            self._deadline_timer = loop.call_later(min(upcoming) - now, self._expire)
 
     def _kick(self) -> None:
         for slot in range(PUBLISH_CONNECTIONS):
@@ -563,6 +564,13 @@ class _Publisher:
             self._kick()
 
     async def _send(self, slot: int, batch: list[_Item]) -> None:
+        self._in_flight[slot] = batch
+        try:
+            await self._send_batch(slot, batch)
+        finally:
+            self._in_flight[slot] = None
+
+    async def _send_batch(self, slot: int, batch: list[_Item]) -> None:
         broker = self._broker
         attempts = broker.config.publish_retries + 1
         for attempt in range(attempts):
@@ -600,11 +608,11 @@ class _Publisher:
                 await self._send_each(slot, batch)
                 return
             self.batches += 1
-            for _, _, fut in batch:
+            for _, _, fut, _ in batch:
                 if not fut.done():
                     fut.set_result(None)
             return
-        for _, _, fut in batch:
+        for _, _, fut, _ in batch:
             if not fut.done():
                 fut.set_exception(BrokerError("Postgres is unreachable"))
 
@@ -612,7 +620,7 @@ class _Publisher:
         self, slot: int, batch: list[_Item]
     ) -> None:
         timeout = self._broker.config.publish_timeout
-        for channel, payload, fut in batch:
+        for channel, payload, fut, _ in batch:
             conn = self._conns[slot]
             if fut.done():
                 continue
@@ -649,7 +657,7 @@ class _Publisher:
                 task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        for _, _, fut in self._pending:
+        for _, _, fut, _ in self._pending:
             if not fut.done():
                 fut.set_exception(BrokerError("broker is closing"))
         self._pending.clear()
@@ -662,7 +670,6 @@ class _Publisher:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
-        self._deadlines.clear()
         self.is_connected = False
 
 

@@ -40,6 +40,13 @@ __all__ = [
 ]
 
 MAX_TOPICS_PER_STREAM = 16
+# Header blocks above this get 431. Tornado itself is given more room
+# (Service.listen) so that the answer can be a JSON 431, not a dropped
+# connection; past that room it still drops the connection.
+MAX_HEADER_BYTES = 16 * 1024
+# Request targets (path and query) above this get 414; a resume id in the
+# query (last_event_id) may itself be several KiB of junk.
+MAX_URI_BYTES = 16 * 1024
 MAX_BATCH_ITEMS = 1000
 ALLOW_TOPIC = "GET, POST, OPTIONS"
 ALLOW_BATCH = "POST, OPTIONS"
@@ -184,6 +191,13 @@ class _BaseHandler(tornado.web.RequestHandler):
         return {}
 
     def prepare(self) -> None:
+        if len(self.request.uri or "") > MAX_URI_BYTES:
+            raise ApiError(414, "uri too long", size=len(self.request.uri or ""),
+                           limit=MAX_URI_BYTES)
+        size = sum(len(k) + len(v) + 4 for k, v in self.request.headers.get_all())
+        if size > MAX_HEADER_BYTES:
+            raise ApiError(431, "request headers too large", size=size,
+                           limit=MAX_HEADER_BYTES)
         for name, value in self._cors_headers().items():
             if name == "Vary":
                 self.add_header(name, value)
@@ -227,6 +241,10 @@ class _BaseHandler(tornado.web.RequestHandler):
             )
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # send_error() cleared what prepare() set; without CORS headers a page
+        # on another origin could not read why its request failed.
+        for name, value in self._cors_headers().items():
+            self.set_header(name, value)
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ApiError):
             body = exc.body
@@ -275,16 +293,14 @@ class _BodyLimitMixin(_BaseHandler):
         self._body_size = 0
         self._too_large = False
         self._holding = False
+        self._expected = -1
         if self.request.method != "POST":
             return
-        # From here until the event is ingested, fan-outs may wait a moment
-        # for it, so that events published together leave together.
-        self.service.dispatcher.hold()
-        self._holding = True
         length = self.request.headers.get("Content-Length")
         limit = self.config.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, "request body too large", size=int(length), limit=limit)
+        self._expected = int(length) if length is not None and length.isdigit() else -1
 
     def data_received(self, chunk: bytes) -> None:
         if self._too_large:
@@ -302,6 +318,17 @@ class _BodyLimitMixin(_BaseHandler):
             self.send_error(413, exc_info=(ApiError, exc, None))
             return
         self._chunks.append(chunk)
+        if self._body_size == self._expected and self.request.method == "POST":
+            self._hold()
+
+    def _hold(self) -> None:
+        # From a complete body until its event is ingested, fan-outs may wait
+        # a moment for it (Dispatcher.hold), so that events published
+        # together leave in one write. Never earlier: a client sending its
+        # body slowly must not hold back anyone's fan-out.
+        if not self._holding:
+            self._holding = True
+            self.service.dispatcher.hold()
 
     def _stop_holding(self) -> None:
         if getattr(self, "_holding", False):
@@ -320,6 +347,7 @@ class _BodyLimitMixin(_BaseHandler):
         if self._too_large:
             raise ApiError(413, "request body too large", size=self._body_size,
                            limit=self.config.max_body_bytes)
+        self._hold()
         body = b"".join(self._chunks)
         self._chunks = []
         return body
@@ -463,18 +491,18 @@ class BatchPublishHandler(_BodyLimitMixin):
         if pending:
             await asyncio.wait([fut for _, _, fut in pending])
         for index, topic, fut in pending:
-            exc = fut.exception()
-            if exc is None:
+            failure = fut.exception()
+            if failure is None:
                 results[index] = {"topic": topic, "id": fut.result()}
-            elif isinstance(exc, PayloadTooLarge):
+            elif isinstance(failure, PayloadTooLarge):
                 results[index] = {"error": "event too large", "status": 413,
-                                  "size": exc.size, "limit": exc.limit}
-            elif isinstance(exc, BrokerError):
-                results[index] = {"error": _unavailable_message(exc), "status": 503}
-            elif isinstance(exc, PublishError):
-                results[index] = {"error": str(exc), "status": 400}
+                                  "size": failure.size, "limit": failure.limit}
+            elif isinstance(failure, BrokerError):
+                results[index] = {"error": _unavailable_message(failure), "status": 503}
+            elif isinstance(failure, PublishError):
+                results[index] = {"error": str(failure), "status": 400}
             else:
-                raise exc
+                raise failure
         self._topic_label = f"{len(items)} events"
         self.write_json({"results": results})
 

@@ -71,6 +71,9 @@ DROPPED_TOPICS_REMEMBERED = 100_000
 
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 
+# Kernel send buffer of a subscriber socket, before the kernel doubles it.
+SEND_BUFFER_BYTES = 128 * 1024
+
 
 def new_instance_id() -> str:
     """A short random id naming one instance: 8 lowercase base32 characters."""
@@ -624,9 +627,11 @@ class Dispatcher:
 
     def _resume_frames(self, ts: list[Topic], last_event_id: str, is_multi: bool) -> list[bytes]:
         anchor = self._index.get(last_event_id)
-        if anchor is not None and (self._multi_queue or any(t.fanned < t.ring.head for t in ts)):
+        if anchor is not None and (
+            self._multi_queue or any(t.fanned < t.ring.head for t in ts)
+        ):
             # The client may come from an instance that ran ahead of this one:
-            # events up to its id can still wait for fan-out here, and would
+            # events up to its id can still wait for fan-out here and would
             # reach it a second time. Fan them out now; the replay does the rest.
             self.flush()
         resets: list[bytes] = []
@@ -983,6 +988,10 @@ def _channel_topics(ch: Channel) -> tuple[str, ...]:
 
 def _tune_socket(sock: socket.socket) -> None:
     try:
+        # A fixed send buffer (the kernel doubles it) bounds what a frozen
+        # reader pins in kernel memory; autotuning would let it grow to
+        # several MiB per connection. One fan-out write is far smaller.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if _TCP_USER_TIMEOUT is not None:
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(WRITE_TIMEOUT_S * 1000))

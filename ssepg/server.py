@@ -195,9 +195,9 @@ def _run_processes(
             break
         except InterruptedError:
             continue
-        index = children.pop(pid, None)
-        if index is None:
+        if pid not in children:
             continue
+        index = children.pop(pid)
         exit_code = os.waitstatus_to_exitcode(code)
         if stopping:
             continue

@@ -34,9 +34,9 @@ from .metrics import Metrics
 
 __all__ = ["Service", "make_app"]
 
-# Largest HTTP header block accepted (a browser with many cookies needs some
-# room; a hostile client gets 431).
-MAX_HEADER_BYTES = 16 * 1024
+# Header room Tornado reads before it drops a connection; the handlers answer
+# 431 above their own, smaller limit (handlers.MAX_HEADER_BYTES).
+TORNADO_HEADER_BYTES = 64 * 1024
 
 
 class Service:
@@ -176,7 +176,7 @@ class Service:
         if app is None:
             app = make_app(self)
         server = tornado.httpserver.HTTPServer(
-            app, max_header_size=MAX_HEADER_BYTES, max_body_size=max(
+            app, max_header_size=TORNADO_HEADER_BYTES, max_body_size=max(
                 self.config.max_body_bytes * 4, 1 << 20
             ), idle_connection_timeout=3600, body_timeout=60,
         )
