@@ -12,8 +12,9 @@ from .errors import (
     SlowConsumer,
     SsepgError,
 )
-from .hub import Dispatcher, Event, Subscription
+from .hub import Dispatcher
 from .service import Service, make_app
+from .subscription import Event, Subscription
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 cdef extern from "zlib.h":
     ctypedef struct z_stream:
-        const unsigned char *next_in
+        unsigned char *next_in  # zlib reads it only; declared without const
         unsigned int avail_in
         unsigned char *next_out
         unsigned int avail_out

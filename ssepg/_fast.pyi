@@ -63,7 +63,9 @@ class Ring:
     def clear(self) -> list[Message]: ...
 
 class Deflater:
-    def __init__(self, level: int = 6, window_bits: int = 13, mem_level: int = 6) -> None: ...
+    def __init__(
+        self, level: int = 6, window_bits: int = 13, mem_level: int = 6
+    ) -> None: ...
     def compress(self, data: bytes, full: bool = False) -> bytes: ...
 
 class Channel:
@@ -114,7 +116,10 @@ class Subscriber:
     delivered_frames: int
     grace: int
     def __init__(
-        self, sock: socket, is_gzip: bool = False, label: str | None = None,
+        self,
+        sock: socket,
+        is_gzip: bool = False,
+        label: str | None = None,
         started: float = 0.0,
     ) -> None: ...
     def fileno(self) -> int: ...

@@ -16,7 +16,6 @@ same order. It keeps three connections, none shared between tasks:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import random
@@ -66,7 +65,8 @@ _NOTIFY_ONE = "SELECT pg_notify(%s, %s)"
 # json type keeps each element's text byte for byte, and building it is one
 # bytes join here, where a text[] parameter would be escaped item by item.
 _NOTIFY_MANY = (
-    "SELECT count(pg_notify(e->>0, (e->1)::text)) FROM json_array_elements(%s::json) AS e"
+    "SELECT count(pg_notify(e->>0, (e->1)::text))"
+    " FROM json_array_elements(%s::json) AS e"
 )
 
 # channel, envelope, the publisher's future, its deadline on the loop clock
@@ -83,10 +83,17 @@ def build_envelope(topic: str, event_id: str, event: str, data: bytes) -> bytes:
     """The NOTIFY payload: ``{"topic":..,"data":..,"id":..}`` plus
     ``"event"`` when it is not ``message``. Topic, id and event need no
     escaping: their characters are restricted."""
-    tail = b'"}' if event == "message" else b'","event":"' + event.encode("ascii") + b'"}'
+    tail = (
+        b'"}' if event == "message" else b'","event":"' + event.encode("ascii") + b'"}'
+    )
     return (
-        b'{"topic":"' + topic.encode("ascii") + b'","data":' + data
-        + b',"id":"' + event_id.encode("ascii") + tail
+        b'{"topic":"'
+        + topic.encode("ascii")
+        + b'","data":'
+        + data
+        + b',"id":"'
+        + event_id.encode("ascii")
+        + tail
     )
 
 
@@ -198,7 +205,9 @@ async def _bounded(
 
 async def _connect(dsn: str) -> psycopg.AsyncConnection[Any]:
     work = psycopg.AsyncConnection.connect(
-        dsn, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S),
+        dsn,
+        autocommit=True,
+        connect_timeout=int(CONNECT_TIMEOUT_S),
         application_name="ssepg",
     )
     return await _bounded(None, work, CONNECT_TIMEOUT_S + 1.0)
@@ -239,7 +248,9 @@ class _Monitor:
                 self._conn = await _connect(self._dsn)
             conn = self._conn
             try:
-                cur = await _bounded(conn, conn.execute(query, params), STATEMENT_TIMEOUT_S)
+                cur = await _bounded(
+                    conn, conn.execute(query, params), STATEMENT_TIMEOUT_S
+                )
                 return await cur.fetchone()
             except (psycopg.OperationalError, TimeoutError):
                 self._conn = None
@@ -312,7 +323,9 @@ class _Listener:
             delay = _backoff(attempt)
             broker_log.warning(
                 "listener down (%s); reconnect attempt %d in %.1f s",
-                reason, broker.reconnect_attempts, delay,
+                reason,
+                broker.reconnect_attempts,
+                delay,
             )
             await broker.sleep(delay)
 
@@ -332,7 +345,9 @@ class _Listener:
         broker.listen_error = None
         if self.has_connected:
             broker.dispatcher.mark_gap()
-            broker_log.info("LISTEN re-established on %d channels", len(broker.channels))
+            broker_log.info(
+                "LISTEN re-established on %d channels", len(broker.channels)
+            )
         else:
             broker_log.info("LISTEN established on %d channels", len(broker.channels))
         held, self._held = self._held, None
@@ -347,13 +362,17 @@ class _Listener:
         self._round_trip = self._loop.create_future()
         self._round_trip_token = "rt-" + os.urandom(6).hex()
         try:
-            await self._broker.monitor.notify(self._broker.private_channel, self._round_trip_token)
+            await self._broker.monitor.notify(
+                self._broker.private_channel, self._round_trip_token
+            )
         except (psycopg.Error, OSError, TimeoutError) as exc:
             raise _RoundTripError(
                 f"round-trip test could not send its NOTIFY: {_describe(exc)}"
             ) from exc
         try:
-            await asyncio.wait_for(asyncio.shield(self._round_trip), ROUND_TRIP_TIMEOUT_S)
+            await asyncio.wait_for(
+                asyncio.shield(self._round_trip), ROUND_TRIP_TIMEOUT_S
+            )
         except asyncio.TimeoutError:
             raise _RoundTripError(
                 "LISTEN did not hear a NOTIFY sent from another session within "
@@ -380,7 +399,10 @@ class _Listener:
                 n = pg.notifies()
                 if n is None:
                     break
-                if self._held is not None and n.relname != self._broker.private_channel_bytes:
+                if (
+                    self._held is not None
+                    and n.relname != self._broker.private_channel_bytes
+                ):
                     # Until the round trip is proven and the gap announced,
                     # events wait so that they land after the gap frame.
                     self._held.append((n.relname, n.extra))
@@ -398,15 +420,20 @@ class _Listener:
                 if self._probe_deadline is not None:
                     self._probe_deadline.cancel()
                     self._probe_deadline = None
-            elif token == self._round_trip_token and self._round_trip is not None:
-                if not self._round_trip.done():
-                    self._round_trip.set_result(None)
+            elif (
+                token == self._round_trip_token
+                and self._round_trip is not None
+                and not self._round_trip.done()
+            ):
+                self._round_trip.set_result(None)
             return
         try:
             topic, event_id, event, data = parse_envelope(extra)
         except (ValueError, UnicodeDecodeError) as exc:
             broker.bad_envelopes += 1
-            broker.bad_envelope_log.log("skipped a bad envelope on %s: %s", relname, exc)
+            broker.bad_envelope_log.log(
+                "skipped a bad envelope on %s: %s", relname, exc
+            )
             return
         broker.dispatcher.ingest(topic, event_id, event, data)
         broker.last_notification_at = time.time()
@@ -427,8 +454,12 @@ class _Listener:
         except psycopg.Error as exc:
             self._lose(f"liveness probe failed: {_describe(exc)}")
             return
-        self._probe_deadline = self._loop.call_later(PROBE_TIMEOUT_S, self._probe_expired)
-        self._probe_handle = self._loop.call_later(PROBE_INTERVAL_S + PROBE_TIMEOUT_S, self._probe)
+        self._probe_deadline = self._loop.call_later(
+            PROBE_TIMEOUT_S, self._probe_expired
+        )
+        self._probe_handle = self._loop.call_later(
+            PROBE_INTERVAL_S + PROBE_TIMEOUT_S, self._probe
+        )
 
     def _probe_expired(self) -> None:
         self._probe_deadline = None
@@ -484,7 +515,9 @@ class _Publisher:
     def __init__(self, broker: PostgresBroker) -> None:
         self._broker = broker
         self._pending: list[_Item] = []
-        self._conns: list[psycopg.AsyncConnection[Any] | None] = [None] * PUBLISH_CONNECTIONS
+        self._conns: list[psycopg.AsyncConnection[Any] | None] = [
+            None
+        ] * PUBLISH_CONNECTIONS
         self._busy = [False] * PUBLISH_CONNECTIONS
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: list[list[_Item] | None] = [None] * PUBLISH_CONNECTIONS
@@ -510,7 +543,9 @@ class _Publisher:
         self._deadline_timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        message = f"publish not confirmed within {self._broker.config.publish_timeout:g} s"
+        message = (
+            f"publish not confirmed within {self._broker.config.publish_timeout:g} s"
+        )
         upcoming = []
         for items in [self._pending, *self._in_flight]:
             for _, _, fut, deadline in items or ():
@@ -584,11 +619,14 @@ class _Publisher:
                     self.is_connected = True
                 if len(batch) == 1:
                     work = conn.execute(
-                        _NOTIFY_ONE, (batch[0][0], batch[0][1].decode("utf-8")), prepare=True
+                        _NOTIFY_ONE,
+                        (batch[0][0], batch[0][1].decode("utf-8")),
+                        prepare=True,
                     )
                 else:
                     work = conn.execute(
-                        _NOTIFY_MANY, (_batch_json(batch),),
+                        _NOTIFY_MANY,
+                        (_batch_json(batch),),
                         prepare=True,
                     )
                 await _bounded(conn, work, broker.config.publish_timeout)
@@ -597,8 +635,11 @@ class _Publisher:
                 conn, self._conns[slot] = self._conns[slot], None
                 self.is_connected = False
                 await _close_quietly(conn)
-                self._log.log("publish connection failed (%s); %d attempts left",
-                              _describe(exc), attempts - attempt - 1)
+                self._log.log(
+                    "publish connection failed (%s); %d attempts left",
+                    _describe(exc),
+                    attempts - attempt - 1,
+                )
                 if attempt + 1 < attempts:
                     await broker.sleep(_backoff(attempt) / 4)
                 continue
@@ -616,9 +657,7 @@ class _Publisher:
             if not fut.done():
                 fut.set_exception(BrokerError("Postgres is unreachable"))
 
-    async def _send_each(
-        self, slot: int, batch: list[_Item]
-    ) -> None:
+    async def _send_each(self, slot: int, batch: list[_Item]) -> None:
         timeout = self._broker.config.publish_timeout
         for channel, payload, fut, _ in batch:
             conn = self._conns[slot]
@@ -629,7 +668,9 @@ class _Publisher:
                 continue
             try:
                 await _bounded(
-                    conn, conn.execute(_NOTIFY_ONE, (channel, payload.decode("utf-8"))), timeout
+                    conn,
+                    conn.execute(_NOTIFY_ONE, (channel, payload.decode("utf-8"))),
+                    timeout,
                 )
             except psycopg.OperationalError as exc:
                 fut.set_exception(BrokerError(f"publish failed: {exc}"))
@@ -638,7 +679,9 @@ class _Publisher:
                 await _close_quietly(conn)
                 fut.set_exception(BrokerError(str(exc)))
             except psycopg.Error as exc:
-                fut.set_exception(PublishError(f"postgres refused the event: {exc}".strip()))
+                fut.set_exception(
+                    PublishError(f"postgres refused the event: {exc}".strip())
+                )
             else:
                 if not fut.done():
                     fut.set_result(None)
@@ -759,9 +802,7 @@ class PostgresBroker(Broker):
         if self.is_closing or self._publisher is None:
             raise BrokerError("broker is closing")
         channel = channel_for(topic, self.config.notify_shards)
-        await self._publisher.publish(
-            channel, envelope, self.config.publish_timeout
-        )
+        await self._publisher.publish(channel, envelope, self.config.publish_timeout)
 
     async def _poll_queue(self) -> None:
         interval = self.config.queue_poll_interval
@@ -778,7 +819,8 @@ class PostgresBroker(Broker):
                     broker_log.warning(
                         "Postgres notification queue is %.1f%% full (warning above "
                         "%.1f%%): a session is not consuming its notifications",
-                        usage * 100, threshold * 100,
+                        usage * 100,
+                        threshold * 100,
                     )
                 elif usage <= threshold and self._queue_warned:
                     self._queue_warned = False

@@ -18,11 +18,19 @@ from typing import TYPE_CHECKING, Any
 import tornado.web
 import ujson
 
-from ._fast import JSONError, compact, decode_string, is_event_name, object_spans
-from ._fast import array_spans, span_is_null, span_is_string
+from ._fast import (
+    JSONError,
+    array_spans,
+    compact,
+    decode_string,
+    is_event_name,
+    object_spans,
+    span_is_null,
+    span_is_string,
+)
 from .errors import BrokerError, InvalidTopic, PayloadTooLarge, PublishError
-from .hub import normalize_topic
 from .log import access_log, http_log
+from .topics import normalize_topic
 
 if TYPE_CHECKING:
     from .service import Service
@@ -77,8 +85,13 @@ _QVALUE_RE = re.compile(r"^\s*q\s*=\s*([0-9.]+)\s*$", re.IGNORECASE)
 class ApiError(tornado.web.HTTPError):
     """An HTTP error with a JSON body: ``{"error": message, **extra}``."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(status)
         self.body = {"error": message, **extra}
         self.headers = headers or {}
@@ -192,12 +205,17 @@ class _BaseHandler(tornado.web.RequestHandler):
 
     def prepare(self) -> None:
         if len(self.request.uri or "") > MAX_URI_BYTES:
-            raise ApiError(414, "uri too long", size=len(self.request.uri or ""),
-                           limit=MAX_URI_BYTES)
+            raise ApiError(
+                414,
+                "uri too long",
+                size=len(self.request.uri or ""),
+                limit=MAX_URI_BYTES,
+            )
         size = sum(len(k) + len(v) + 4 for k, v in self.request.headers.get_all())
         if size > MAX_HEADER_BYTES:
-            raise ApiError(431, "request headers too large", size=size,
-                           limit=MAX_HEADER_BYTES)
+            raise ApiError(
+                431, "request headers too large", size=size, limit=MAX_HEADER_BYTES
+            )
         for name, value in self._cors_headers().items():
             if name == "Vary":
                 self.add_header(name, value)
@@ -209,8 +227,10 @@ class _BaseHandler(tornado.web.RequestHandler):
         if self._cors_headers():
             self.set_header("Access-Control-Allow-Methods", self.allow)
             requested = self.request.headers.get("Access-Control-Request-Headers")
-            self.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS
-                            if not requested else _merge_headers(requested))
+            self.set_header(
+                "Access-Control-Allow-Headers",
+                CORS_ALLOW_HEADERS if not requested else _merge_headers(requested),
+            )
             self.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE_S))
         self.set_status(204)
 
@@ -236,8 +256,12 @@ class _BaseHandler(tornado.web.RequestHandler):
             given.encode("utf-8", "surrogateescape"), expected
         ):
             raise ApiError(
-                401, "unauthorized",
-                {"WWW-Authenticate": 'Bearer realm="ssepg"', "Cache-Control": "no-store"},
+                401,
+                "unauthorized",
+                {
+                    "WWW-Authenticate": 'Bearer realm="ssepg"',
+                    "Cache-Control": "no-store",
+                },
             )
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -262,8 +286,12 @@ class _BaseHandler(tornado.web.RequestHandler):
         # Client mistakes (4xx) are routine; only server-side failures warn.
         access_log.log(
             logging.INFO if status < 500 else logging.WARNING,
-            "%s %s %d %.3fs %s", self.request.method, self.request.path, status,
-            time.monotonic() - self._started, self._topic_label,
+            "%s %s %d %.3fs %s",
+            self.request.method,
+            self.request.path,
+            status,
+            time.monotonic() - self._started,
+            self._topic_label,
         )
 
     def write_json(self, body: Any, status: int = 200) -> None:
@@ -314,7 +342,9 @@ class _BodyLimitMixin(_BaseHandler):
             # reading the rest (a chunked body past Tornado's own limit
             # would otherwise end in a bare 400 without a JSON body).
             limit = self.config.max_body_bytes
-            exc = ApiError(413, "request body too large", size=self._body_size, limit=limit)
+            exc = ApiError(
+                413, "request body too large", size=self._body_size, limit=limit
+            )
             self.send_error(413, exc_info=(ApiError, exc, None))
             return
         self._chunks.append(chunk)
@@ -345,8 +375,12 @@ class _BodyLimitMixin(_BaseHandler):
 
     def take_body(self) -> bytes:
         if self._too_large:
-            raise ApiError(413, "request body too large", size=self._body_size,
-                           limit=self.config.max_body_bytes)
+            raise ApiError(
+                413,
+                "request body too large",
+                size=self._body_size,
+                limit=self.config.max_body_bytes,
+            )
         self._hold()
         body = b"".join(self._chunks)
         self._chunks = []
@@ -388,7 +422,11 @@ class TopicEventsHandler(_BodyLimitMixin):
         stream.close()
         sock.setblocking(False)
         service.dispatcher.add_stream(
-            sock, topics, head=head, is_gzip=is_gzip, last_event_id=last_event_id,
+            sock,
+            topics,
+            head=head,
+            is_gzip=is_gzip,
+            last_event_id=last_event_id,
         )
 
     def _stream_head(self, is_gzip: bool) -> bytes:
@@ -433,15 +471,24 @@ class TopicEventsHandler(_BodyLimitMixin):
         try:
             event_id = await self.service.publish_raw(topic, data, event)
         except PayloadTooLarge as exc:
-            raise ApiError(413, "event too large", size=exc.size, limit=exc.limit) from None
+            raise ApiError(
+                413, "event too large", size=exc.size, limit=exc.limit
+            ) from None
         except BrokerError as exc:
-            raise ApiError(503, _unavailable_message(exc), {"Retry-After": "1"}) from None
+            raise ApiError(
+                503, _unavailable_message(exc), {"Retry-After": "1"}
+            ) from None
         except PublishError as exc:
             raise ApiError(400, str(exc)) from None
         self.set_header("Content-Type", "application/json")
         self.finish(
-            b'{"topic":"' + topic.encode("ascii") + b'","id":"' + event_id.encode("ascii")
-            + b'","data":' + data + b"}"
+            b'{"topic":"'
+            + topic.encode("ascii")
+            + b'","id":"'
+            + event_id.encode("ascii")
+            + b'","data":'
+            + data
+            + b"}"
         )
 
 
@@ -476,7 +523,9 @@ class BatchPublishHandler(_BodyLimitMixin):
         except JSONError:
             raise ApiError(400, "events must be an array") from None
         if len(items) > MAX_BATCH_ITEMS:
-            raise ApiError(413, "too many events", size=len(items), limit=MAX_BATCH_ITEMS)
+            raise ApiError(
+                413, "too many events", size=len(items), limit=MAX_BATCH_ITEMS
+            )
         results: list[dict[str, Any] | None] = [None] * len(items)
         pending: list[tuple[int, str, asyncio.Future[str]]] = []
         for index, (start, end) in enumerate(items):
@@ -485,9 +534,13 @@ class BatchPublishHandler(_BodyLimitMixin):
             except ApiError as exc:
                 results[index] = {**exc.body, "status": exc.status_code}
                 continue
-            pending.append((index, topic, asyncio.ensure_future(
-                self.service.publish_raw(topic, data, event)
-            )))
+            pending.append(
+                (
+                    index,
+                    topic,
+                    asyncio.ensure_future(self.service.publish_raw(topic, data, event)),
+                )
+            )
         if pending:
             await asyncio.wait([fut for _, _, fut in pending])
         for index, topic, fut in pending:
@@ -495,8 +548,12 @@ class BatchPublishHandler(_BodyLimitMixin):
             if failure is None:
                 results[index] = {"topic": topic, "id": fut.result()}
             elif isinstance(failure, PayloadTooLarge):
-                results[index] = {"error": "event too large", "status": 413,
-                                  "size": failure.size, "limit": failure.limit}
+                results[index] = {
+                    "error": "event too large",
+                    "status": 413,
+                    "size": failure.size,
+                    "limit": failure.limit,
+                }
             elif isinstance(failure, BrokerError):
                 results[index] = {"error": _unavailable_message(failure), "status": 503}
             elif isinstance(failure, PublishError):
@@ -547,7 +604,9 @@ class MetricsHandler(_BaseHandler):
     allow = ALLOW_READ
 
     def get(self) -> None:
-        body, content_type = self.service.metrics_text(self.request.headers.get("Accept"))
+        body, content_type = self.service.metrics_text(
+            self.request.headers.get("Accept")
+        )
         self.set_header("Content-Type", content_type)
         self.finish(body)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -20,26 +21,23 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from ._fast import (
     GZIP_HEADER,
     Channel,
     Message,
-    Ring,
     Subscriber,
     comment,
-    encode_frame,
     fnv1a_32,
     is_event_name,
-    is_topic,
     solo_compress,
 )
-from .errors import InvalidTopic, SlowConsumer
 from .log import RateLimitedLog, access_log, hub_log
+from .subscription import Event, Subscription
+from .topics import Topic, normalize_topic, reset_frame, topic_memory
 
-__all__ = ["Dispatcher", "Event", "Subscription", "new_instance_id", "normalize_topic"]
+__all__ = ["Dispatcher", "new_instance_id"]
 
 RETRY_MS = 5000
 KEEP_ALIVE_FRAME = b": keep-alive\n\n"
@@ -80,183 +78,6 @@ def new_instance_id() -> str:
     return base64.b32encode(os.urandom(5)).decode("ascii").lower()
 
 
-def normalize_topic(name: str) -> str:
-    """ASCII-lower-case *name* and check it; never Unicode folding.
-
-    :raises InvalidTopic: not ``[a-z0-9_.:-]{1,128}`` once lower-cased, or a
-        dot segment (``.``, ``..``).
-    """
-    if not name.isascii():
-        raise InvalidTopic(f"invalid topic {name!r}")
-    lowered = name.lower()
-    if not is_topic(lowered):
-        raise InvalidTopic(f"invalid topic {name!r}")
-    return lowered
-
-
-class Event:
-    """One event as a `Subscription` yields it.
-
-    ``id`` is the cluster-unique event id (None on ``ssepg-gap``), ``event``
-    the SSE event name, ``raw`` the compact JSON text and ``data`` its decoded
-    value.
-    """
-
-    __slots__ = ("topic", "id", "event", "raw", "_data")
-
-    def __init__(self, topic: str, event_id: str | None, event: str, raw: str) -> None:
-        self.topic = topic
-        self.id = event_id
-        self.event = event
-        self.raw = raw
-        self._data: Any = Event
-
-    @property
-    def data(self) -> Any:
-        if self._data is Event:
-            self._data = json.loads(self.raw)
-        return self._data
-
-    def __repr__(self) -> str:
-        return f"Event(topic={self.topic!r}, id={self.id!r}, event={self.event!r}, raw={self.raw!r})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Event):
-            return NotImplemented
-        return (self.topic, self.id, self.event, self.raw) == (
-            other.topic, other.id, other.event, other.raw
-        )
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def _event_of(message: Message) -> Event:
-    return Event(message.topic, message.id, message.event, message.data.decode("utf-8"))
-
-
-class Subscription:
-    """Events of one topic as an async iterator, for in-process consumers.
-
-    Ends cleanly (``StopAsyncIteration``) after `close` or when the dispatcher
-    closes; raises `SlowConsumer` if more than the dispatcher's
-    ``client_buffer`` bytes of events wait unread. Belongs to the IOLoop of
-    the dispatcher; close it, or use it as an async context manager.
-    """
-
-    def __init__(self, dispatcher: Dispatcher, topic: Topic) -> None:
-        self._dispatcher = dispatcher
-        self._topic = topic
-        self._queue: collections.deque[Event | Message] = collections.deque()
-        self._queued_bytes = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-        self.is_closed = False
-
-    @property
-    def topic(self) -> str:
-        return self._topic.name
-
-    def _feed(self, messages: Iterable[Message | Event]) -> None:
-        if self.is_closed:
-            return
-        for m in messages:
-            self._queue.append(m)
-            self._queued_bytes += m.size if isinstance(m, Message) else 64
-        if self._queued_bytes > self._dispatcher.client_buffer:
-            self._error = SlowConsumer(
-                f"subscription to {self.topic!r} fell {self._queued_bytes} bytes behind"
-            )
-            self._dispatcher._unsubscribe(self)
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self
-
-    async def __anext__(self) -> Event:
-        while not self._queue:
-            if self.is_closed:
-                if self._error is not None:
-                    raise self._error
-                raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        item = self._queue.popleft()
-        if isinstance(item, Message):
-            self._queued_bytes -= item.size
-            return _event_of(item)
-        self._queued_bytes -= 64
-        return item
-
-    def close(self) -> None:
-        """Stop receiving; iteration ends once queued events are read."""
-        self._dispatcher._unsubscribe(self)
-
-    unsubscribe = close
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Topic:
-    """One topic on this instance: its ring (replay window), subscribers and
-    counters. A topic without subscribers holds only its ring: no task, no
-    timer, no queue entry once its last event was processed."""
-
-    __slots__ = (
-        "name", "ring", "channel", "shard", "is_queued", "fanned", "python_subs",
-        "multi_channels", "published", "broadcast", "dropped_clients",
-        "ring_overwrites", "last_activity", "last_activity_unix", "lost_upto",
-        "python_delivered",
-    )
-
-    def __init__(self, name: str, capacity: int, shard: int, lost_upto: int) -> None:
-        self.name = name
-        self.ring = Ring(capacity)
-        self.channel: Channel | None = None
-        self.shard = shard
-        self.is_queued = False
-        self.fanned = 0  # seq of the next message to fan out
-        self.python_subs: list[Subscription] = []
-        self.multi_channels: list[Channel] = []
-        self.published = 0
-        self.broadcast = 0
-        self.dropped_clients = 0
-        self.ring_overwrites = 0
-        self.last_activity = time.monotonic()
-        self.last_activity_unix = time.time()
-        # Highest gseq of an event of this topic this instance may have missed
-        # or dropped: a resume from an older position cannot be complete.
-        self.lost_upto = lost_upto
-        self.python_delivered = 0
-
-    @property
-    def subscriber_count(self) -> int:
-        n = len(self.python_subs)
-        if self.channel is not None:
-            n += len(self.channel)
-        for ch in self.multi_channels:
-            n += len(ch)
-        return n
-
-    @property
-    def has_subscribers(self) -> bool:
-        return bool(
-            self.python_subs or self.multi_channels
-            or (self.channel is not None and len(self.channel))
-        )
-
-
 class Dispatcher:
     """In-process topics, replay windows and subscriptions.
 
@@ -285,7 +106,9 @@ class Dispatcher:
         instance_id: str | None = None,
     ) -> None:
         if ring_capacity < 1 or ring_capacity & (ring_capacity - 1):
-            raise ValueError(f"ring_capacity must be a power of two, got {ring_capacity!r}")
+            raise ValueError(
+                f"ring_capacity must be a power of two, got {ring_capacity!r}"
+            )
         if fanout_shards < 1:
             raise ValueError(f"fanout_shards must be at least 1, got {fanout_shards!r}")
         self.ring_capacity = ring_capacity
@@ -315,7 +138,9 @@ class Dispatcher:
         self._slow: list[Subscriber] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat_handle: asyncio.TimerHandle | None = None
-        self._dropped_topics: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._dropped_topics: collections.OrderedDict[str, int] = (
+            collections.OrderedDict()
+        )
         self._dropped_floor = 0
         self._slow_log = RateLimitedLog(hub_log, 30)
         self.is_closed = False
@@ -353,8 +178,9 @@ class Dispatcher:
         """
         if data is None:
             raise ValueError("data must not be None")
-        raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False,
-                         allow_nan=False).encode("utf-8")
+        raw = json.dumps(
+            data, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
         return self.publish_raw(normalize_topic(topic), raw, event)
 
     def publish_raw(self, topic: str, data: bytes, event: str | None = None) -> str:
@@ -442,7 +268,9 @@ class Dispatcher:
             return 0
         ch = t.channel
         if ch is not None and len(ch):
-            ch.deliver(ring.join_frames(start, stop), n, self._lagging, self._dead, self._slow)
+            ch.deliver(
+                ring.join_frames(start, stop), n, self._lagging, self._dead, self._slow
+            )
         if t.python_subs:
             messages = ring.messages(start, stop)
             for sub in list(t.python_subs):
@@ -497,6 +325,15 @@ class Dispatcher:
             return
         self._waiting_since = None
         self._multi_scheduled = False
+        self._fan_multi()
+        self._settle()
+        if self._multi_queue and not self._multi_scheduled:
+            self._multi_scheduled = True
+            self.loop.call_soon(self._drain_multi)
+
+    def _fan_multi(self) -> None:
+        # One step of the multi-topic fan-out: events in arrival order, each
+        # set of topics getting one joined chunk.
         queue = self._multi_queue
         chunks: dict[Channel, list[bytes]] = {}
         for _ in range(min(MULTI_BATCH, len(queue))):
@@ -512,11 +349,9 @@ class Dispatcher:
                 else:
                     frames.append(frame)
         for ch, frames in chunks.items():
-            ch.deliver(b"".join(frames), len(frames), self._lagging, self._dead, self._slow)
-        self._settle()
-        if queue and not self._multi_scheduled:
-            self._multi_scheduled = True
-            self.loop.call_soon(self._drain_multi)
+            ch.deliver(
+                b"".join(frames), len(frames), self._lagging, self._dead, self._slow
+            )
 
     def _multi_bound(self) -> int:
         # Every event up to this gseq went through the multi-topic fan-out.
@@ -532,7 +367,7 @@ class Dispatcher:
                 t.is_queued = False
             self._shard_scheduled[index] = False
         while self._multi_queue:
-            self._drain_multi()
+            self._fan_multi()
         self._settle()
 
     def _settle(self) -> None:
@@ -622,10 +457,14 @@ class Dispatcher:
             loop.add_writer(sub.fd, self._on_writable, sub)
         if self._heartbeat_handle is None:
             self._heartbeat_handle = loop.call_later(self.keep_alive, self._heartbeat)
-        hub_log.debug("subscribed %s (fd %d%s)", label, sub.fd, ", gzip" if is_gzip else "")
+        hub_log.debug(
+            "subscribed %s (fd %d%s)", label, sub.fd, ", gzip" if is_gzip else ""
+        )
         return sub
 
-    def _resume_frames(self, ts: list[Topic], last_event_id: str, is_multi: bool) -> list[bytes]:
+    def _resume_frames(
+        self, ts: list[Topic], last_event_id: str, is_multi: bool
+    ) -> list[bytes]:
         anchor = self._index.get(last_event_id)
         if anchor is not None and (
             self._multi_queue or any(t.fanned < t.ring.head for t in ts)
@@ -638,7 +477,11 @@ class Dispatcher:
         replay: list[Message] = []
         bound = self._multi_bound() if is_multi else 0
         for t in ts:
-            if anchor is None or anchor.gseq <= self.gap_gseq or anchor.gseq < t.lost_upto:
+            if (
+                anchor is None
+                or anchor.gseq <= self.gap_gseq
+                or anchor.gseq < t.lost_upto
+            ):
                 resets.append(reset_frame(t.name))
                 continue
             ring = t.ring
@@ -705,11 +548,16 @@ class Dispatcher:
                     t.dropped_clients += 1
         self._slow_log.log(
             "dropped subscriber of %s: %s, %d bytes unsent (limit %d)",
-            sub.label, reason, queued, self.client_buffer,
+            sub.label,
+            reason,
+            queued,
+            self.client_buffer,
         )
         self.close_stream(sub, comment(reason))
 
-    def close_stream(self, sub: Subscriber, goodbye: bytes = b"", reason: str = "closed") -> None:
+    def close_stream(
+        self, sub: Subscriber, goodbye: bytes = b"", reason: str = "closed"
+    ) -> None:
         """Send *goodbye* (plain SSE bytes) if the socket takes it at once,
         end a gzip stream properly, and close."""
         if sub.is_closed:
@@ -737,12 +585,13 @@ class Dispatcher:
             if not len(ch):
                 self._retire_channel(ch)
         self._streams.discard(sub)
-        try:
+        with contextlib.suppress(OSError):
             sub.sock.close()
-        except OSError:
-            pass
         access_log.info(
-            "GET %s stream 200 %.3fs %s", sub.label, time.monotonic() - sub.started, reason
+            "GET %s stream 200 %.3fs %s",
+            sub.label,
+            time.monotonic() - sub.started,
+            reason,
         )
 
     def _retire_channel(self, ch: Channel) -> None:
@@ -767,13 +616,22 @@ class Dispatcher:
         stalled: list[Subscriber] = []
         for ch in list(self._channels):
             if len(ch):
-                ch.heartbeat(KEEP_ALIVE_FRAME, now, WRITE_TIMEOUT_S, self._lagging,
-                             self._dead, self._slow, stalled)
+                ch.heartbeat(
+                    KEEP_ALIVE_FRAME,
+                    now,
+                    WRITE_TIMEOUT_S,
+                    self._lagging,
+                    self._dead,
+                    self._slow,
+                    stalled,
+                )
         self._settle()
         for sub in stalled:
             self._drop_slow(sub, "write timeout")
         if self._streams:
-            self._heartbeat_handle = self.loop.call_later(self.keep_alive, self._heartbeat)
+            self._heartbeat_handle = self.loop.call_later(
+                self.keep_alive, self._heartbeat
+            )
 
     def mark_gap(self) -> None:
         """Tell every subscriber that events may have been missed (the broker
@@ -807,10 +665,16 @@ class Dispatcher:
             anchor = self._index.get(last_event_id)
             if anchor is not None and t.fanned < t.ring.head:
                 self.flush()  # as in _resume_frames: no event twice
-            if anchor is None or anchor.gseq <= self.gap_gseq or anchor.gseq < t.lost_upto:
-                sub._feed([Event(name, None, "ssepg-reset", '{"topic":"%s"}' % name)])
+            if (
+                anchor is None
+                or anchor.gseq <= self.gap_gseq
+                or anchor.gseq < t.lost_upto
+            ):
+                sub._feed([Event(name, None, "ssepg-reset", f'{{"topic":"{name}"}}')])
             else:
-                sub._feed(t.ring.messages(t.ring.first_after_gseq(anchor.gseq), t.fanned))
+                sub._feed(
+                    t.ring.messages(t.ring.first_after_gseq(anchor.gseq), t.fanned)
+                )
         t.python_subs.append(sub)
         return sub
 
@@ -831,7 +695,7 @@ class Dispatcher:
         timeout = self.topic_idle_timeout if idle_timeout is None else idle_timeout
         cutoff = time.monotonic() - timeout
         removed = freed = 0
-        for name, t in list(self.topics.items()):
+        for t in list(self.topics.values()):
             if t.last_activity <= cutoff and not t.has_subscribers and not t.is_queued:
                 freed += topic_memory(t)
                 self._drop_topic(t)
@@ -911,7 +775,8 @@ class Dispatcher:
             "window_capacity": t.ring.capacity,
             "memory_usage_bytes": topic_memory(t),
             "last_activity_unix": round(t.last_activity_unix, 3),
-            "is_idle": subscribers == 0 and now - t.last_activity >= self.topic_idle_timeout,
+            "is_idle": subscribers == 0
+            and now - t.last_activity >= self.topic_idle_timeout,
         }
 
     def stats(self, limit: int | None = None) -> dict[str, Any]:
@@ -926,15 +791,19 @@ class Dispatcher:
         )
         totals = {
             "topics": len(topics),
-            "subscribers": len(self._streams) + sum(len(t.python_subs) for t in self.topics.values()),
+            "subscribers": len(self._streams)
+            + sum(len(t.python_subs) for t in self.topics.values()),
             "streams": len(self._streams),
-            "dispatch_depth": sum(x["dispatch_depth"] for x in topics) + len(self._multi_queue),
-            "pending_to_clients": sum(x["pending_to_clients"] for x in topics) + multi_pending,
+            "dispatch_depth": sum(x["dispatch_depth"] for x in topics)
+            + len(self._multi_queue),
+            "pending_to_clients": sum(x["pending_to_clients"] for x in topics)
+            + multi_pending,
             "published": self.published,
             "received": self.received,
             "broadcast": self.broadcast,
             "delivered_frames": sum(x["delivered_frames"] for x in topics)
-            + multi_delivered + self.delivered_retired,
+            + multi_delivered
+            + self.delivered_retired,
             "dropped_clients": self.dropped_clients,
             "ring_overwrites": self.ring_overwrites,
             "total_memory_usage_bytes": sum(x["memory_usage_bytes"] for x in topics),
@@ -966,17 +835,6 @@ class Dispatcher:
             self._heartbeat_handle = None
 
 
-def reset_frame(topic: str) -> bytes:
-    """The ``ssepg-reset`` event for *topic*: no ``id:``, so a client keeps
-    its last id."""
-    return encode_frame(None, "ssepg-reset", b'{"topic":"' + topic.encode("ascii") + b'"}')
-
-
-def topic_memory(t: Topic) -> int:
-    """Bytes a topic holds: its window's messages, slots and bookkeeping."""
-    return t.ring.nbytes + 8 * t.ring.slots_allocated + 400
-
-
 def _gseq_of(m: Message) -> int:
     return m.gseq
 
@@ -994,7 +852,9 @@ def _tune_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if _TCP_USER_TIMEOUT is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(WRITE_TIMEOUT_S * 1000))
+            sock.setsockopt(
+                socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(WRITE_TIMEOUT_S * 1000)
+            )
     except OSError:
         pass  # not TCP (a Unix socket in tests): nothing to tune
 
@@ -1009,7 +869,9 @@ def _release_free_memory() -> None:
     if _libc_trim is None:
         name = ctypes.util.find_library("c")
         try:
-            _libc_trim = getattr(ctypes.CDLL(name), "malloc_trim", False) if name else False
+            _libc_trim = (
+                getattr(ctypes.CDLL(name), "malloc_trim", False) if name else False
+            )
         except OSError:
             _libc_trim = False
     if _libc_trim:

@@ -30,7 +30,8 @@ class RateLimitedLog:
             return
         if self._suppressed:
             self._logger.log(
-                self._level, "%d more like the next one since the last report",
+                self._level,
+                "%d more like the next one since the last report",
                 self._suppressed,
             )
             self._suppressed = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -40,20 +41,26 @@ def build_parser(prog: str = "ssepg") -> argparse.ArgumentParser:
     )
     env = os.environ
     parser.add_argument(
-        "--port", type=int, default=int(env.get("SSEPG_PORT", DEFAULT_PORT)),
+        "--port",
+        type=int,
+        default=int(env.get("SSEPG_PORT", DEFAULT_PORT)),
         help="TCP port to serve on (SSEPG_PORT, default 8080)",
     )
     parser.add_argument(
-        "--host", default=env.get("SSEPG_HOST", ""),
+        "--host",
+        default=env.get("SSEPG_HOST", ""),
         help="address to bind (SSEPG_HOST, default all interfaces)",
     )
     parser.add_argument(
-        "--processes", type=int, default=int(env.get("SSEPG_PROCESSES", "1")),
+        "--processes",
+        type=int,
+        default=int(env.get("SSEPG_PROCESSES", "1")),
         help="instances sharing the port via SO_REUSEPORT; needs a DSN above 1 "
         "(SSEPG_PROCESSES)",
     )
     parser.add_argument(
-        "--log-level", default=env.get("SSEPG_LOG_LEVEL", "info"),
+        "--log-level",
+        default=env.get("SSEPG_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
         help="logging level (SSEPG_LOG_LEVEL, default info)",
     )
@@ -84,20 +91,31 @@ def main(
         parser.error("--processes must be at least 1")
     if args.processes > 1 and not config.dsn:
         parser.error(
-            "--processes above 1 needs a DSN: instances only share events through Postgres"
+            "--processes above 1 needs a DSN: instances share events only "
+            "through Postgres"
         )
     _raise_fd_limit()
     if args.processes > 1:
-        return _run_processes(args.processes, config, args.host, args.port, extra_routes)
-    return _run_one(config, args.host, args.port, reuse_port=False, extra_routes=extra_routes)
+        return _run_processes(
+            args.processes, config, args.host, args.port, extra_routes
+        )
+    return _run_one(
+        config, args.host, args.port, reuse_port=False, extra_routes=extra_routes
+    )
 
 
 def _run_one(
-    config: Config, host: str, port: int, *, reuse_port: bool,
+    config: Config,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool,
     extra_routes: RouteFactory | None,
 ) -> int:
     try:
-        asyncio.run(serve(config, host, port, reuse_port=reuse_port, extra_routes=extra_routes))
+        asyncio.run(
+            serve(config, host, port, reuse_port=reuse_port, extra_routes=extra_routes)
+        )
     except ConfigError as exc:
         http_log.error("cannot start: %s", exc)
         return 2
@@ -128,7 +146,9 @@ async def serve(
     except BaseException:
         await service.close(drain=0)
         raise
-    http_log.info("listening on http://%s:%d (pid %d)", host or "0.0.0.0", port, os.getpid())
+    http_log.info(
+        "listening on http://%s:%d (pid %d)", host or "0.0.0.0", port, os.getpid()
+    )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,10 +168,8 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
 
 
 def _run_processes(
@@ -168,7 +186,9 @@ def _run_processes(
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = _run_one(config, host, port, reuse_port=True, extra_routes=extra_routes)
+            code = _run_one(
+                config, host, port, reuse_port=True, extra_routes=extra_routes
+            )
             os._exit(code)
         children[pid] = index
 
@@ -176,10 +196,8 @@ def _run_processes(
         nonlocal stopping
         stopping = True
         for pid in list(children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -209,7 +227,9 @@ def _run_processes(
             http_log.error("process %d exited with %d; not restarting", pid, exit_code)
             forward(signal.SIGTERM, None)
             continue
-        http_log.warning("process %d exited with %d; starting a new one", pid, exit_code)
+        http_log.warning(
+            "process %d exited with %d; starting a new one", pid, exit_code
+        )
         spawn(index)
     return status
 
@@ -217,6 +237,9 @@ def _run_processes(
 def page_routes(service: Service, static_path: str) -> list[Any]:
     """Routes serving the live demo page from *static_path* at ``/``."""
     return [
-        (r"/()", tornado.web.StaticFileHandler,
-         {"path": static_path, "default_filename": "index.html"}),
+        (
+            r"/()",
+            tornado.web.StaticFileHandler,
+            {"path": static_path, "default_filename": "index.html"},
+        ),
     ]

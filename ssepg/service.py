@@ -28,9 +28,10 @@ from .handlers import (
     NotFoundHandler,
     TopicEventsHandler,
 )
-from .hub import Dispatcher, normalize_topic
+from .hub import Dispatcher
 from .log import broker_log, http_log, hub_log
 from .metrics import Metrics
+from .topics import normalize_topic
 
 __all__ = ["Service", "make_app"]
 
@@ -84,26 +85,35 @@ class Service:
     async def _start(self) -> None:
         config = self.config
         if config.dsn:
-            self.broker = PostgresBroker(config, self.dispatcher, self.metrics.listener_changed)
+            self.broker = PostgresBroker(
+                config, self.dispatcher, self.metrics.listener_changed
+            )
         await self.broker.start()
         if config.health_port is not None:
             app = tornado.web.Application(
-                self.health_routes(), default_handler_class=NotFoundHandler,
-                default_handler_args={"service": self}, log_function=_no_log,
+                self.health_routes(),
+                default_handler_class=NotFoundHandler,
+                default_handler_args={"service": self},
+                log_function=_no_log,
             )
             try:
                 self.listen(config.health_port, app=app)
             except OSError as exc:
                 await self.broker.close()
                 raise ConfigError(
-                    "health_port", f"cannot listen on port {config.health_port}: {exc.strerror}"
+                    "health_port",
+                    f"cannot listen on port {config.health_port}: {exc.strerror}",
                 ) from exc
         loop = asyncio.get_running_loop()
-        self._cleanup_handle = loop.call_later(config.memory_cleanup_interval, self._cleanup)
+        self._cleanup_handle = loop.call_later(
+            config.memory_cleanup_interval, self._cleanup
+        )
         if self.broker.kind == "postgres":
             broker_log.info(
                 "instance %s on Postgres %s (%d notify shards)",
-                self.instance_id, redact_dsn(config.dsn), config.notify_shards,
+                self.instance_id,
+                redact_dsn(config.dsn),
+                config.notify_shards,
             )
         else:
             broker_log.info(
@@ -140,7 +150,9 @@ class Service:
 
     # Routes ------------------------------------------------------------------
 
-    def routes(self) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
+    def routes(
+        self,
+    ) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
         """Handler tuples for a `tornado.web.Application`: topic streams and
         publishing under ``base_path``, plus health and metrics unless they
         live on ``health_port``."""
@@ -154,9 +166,14 @@ class Service:
             routes.extend(self.health_routes())
         return routes
 
-    def health_routes(self) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
+    def health_routes(
+        self,
+    ) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
         kwargs = {"service": self}
-        return [(self.config.healthz, HealthHandler, kwargs), ("/metrics", MetricsHandler, kwargs)]
+        return [
+            (self.config.healthz, HealthHandler, kwargs),
+            ("/metrics", MetricsHandler, kwargs),
+        ]
 
     def attach(self, app: tornado.web.Application) -> None:
         """Add `routes` to an existing application (matched for any host)."""
@@ -176,11 +193,15 @@ class Service:
         if app is None:
             app = make_app(self)
         server = tornado.httpserver.HTTPServer(
-            app, max_header_size=TORNADO_HEADER_BYTES, max_body_size=max(
-                self.config.max_body_bytes * 4, 1 << 20
-            ), idle_connection_timeout=3600, body_timeout=60,
+            app,
+            max_header_size=TORNADO_HEADER_BYTES,
+            max_body_size=max(self.config.max_body_bytes * 4, 1 << 20),
+            idle_connection_timeout=3600,
+            body_timeout=60,
         )
-        sockets = tornado.netutil.bind_sockets(port, address or None, reuse_port=reuse_port)
+        sockets = tornado.netutil.bind_sockets(
+            port, address or None, reuse_port=reuse_port
+        )
         server.add_sockets(sockets)
         self._servers.append(server)
         return server
@@ -199,13 +220,17 @@ class Service:
         """
         if data is None:
             raise ValueError("data must not be None")
-        raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        raw = json.dumps(
+            data, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
         if event is not None:
             from ._fast import is_event_name
 
             if not is_event_name(event):
                 raise ValueError(f"invalid event name {event!r}")
-        return await self.publish_raw(normalize_topic(topic), raw.encode("utf-8"), event or "message")
+        return await self.publish_raw(
+            normalize_topic(topic), raw.encode("utf-8"), event or "message"
+        )
 
     async def publish_raw(self, topic: str, data: bytes, event: str = "message") -> str:
         """Publish compact JSON *data* on a normalised *topic*; see `publish`."""
@@ -291,7 +316,9 @@ class Service:
         if removed:
             hub_log.info(
                 "removed %d idle topics (no subscribers, no traffic for %gs), freed %s",
-                removed, self.config.topic_idle_timeout, format_bytes(freed),
+                removed,
+                self.config.topic_idle_timeout,
+                format_bytes(freed),
             )
             done["removed_topics"] = removed
             done["freed_bytes"] += freed
@@ -308,7 +335,10 @@ class Service:
                 hub_log.warning(
                     "memory pressure: RSS %s above %s; halved the replay windows of "
                     "%d topics %s, freed %s",
-                    format_bytes(rss), format_bytes(threshold), shrunk, which,
+                    format_bytes(rss),
+                    format_bytes(threshold),
+                    shrunk,
+                    which,
                     format_bytes(freed),
                 )
                 done["shrunk_topics"] = shrunk
@@ -317,8 +347,10 @@ class Service:
             restored = d.restore_windows()
             self._under_pressure = False
             hub_log.info(
-                "memory pressure over: RSS %s; restored the replay windows of %d topics",
-                format_bytes(rss), restored,
+                "memory pressure over: RSS %s; restored the replay windows of "
+                "%d topics",
+                format_bytes(rss),
+                restored,
             )
         return done
 
@@ -361,8 +393,11 @@ class Service:
         self._servers.clear()
         self.is_closed = True
         hub_log.info(
-            "closed: %d published, %d broadcast, %d frames delivered, %d clients dropped",
-            totals["published"], totals["broadcast"], totals["delivered_frames"],
+            "closed: %d published, %d broadcast, %d frames delivered, "
+            "%d clients dropped",
+            totals["published"],
+            totals["broadcast"],
+            totals["delivered_frames"],
             totals["dropped_clients"],
         )
 

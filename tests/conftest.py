@@ -25,7 +25,11 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _base_dsn() -> str:
-    return os.environ.get("SSEPG_TEST_DSN") or os.environ.get("DATABASE_URL") or DEFAULT_TEST_DSN
+    return (
+        os.environ.get("SSEPG_TEST_DSN")
+        or os.environ.get("DATABASE_URL")
+        or DEFAULT_TEST_DSN
+    )
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +52,9 @@ def pg_dsn() -> Iterator[str]:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
     for item in items:
         if "pg_dsn" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.postgres)
@@ -86,7 +92,9 @@ def no_unexpected_warnings(request: pytest.FixtureRequest) -> Iterator[_WarningG
     finally:
         logger.removeHandler(guard)
     if request.node.get_closest_marker("allow_warnings") is None and guard.records:
-        lines = "\n".join(f"{r.name} {r.levelname}: {r.getMessage()}" for r in guard.records)
+        lines = "\n".join(
+            f"{r.name} {r.levelname}: {r.getMessage()}" for r in guard.records
+        )
         pytest.fail(f"unexpected warnings logged:\n{lines}")
 
 

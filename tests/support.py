@@ -105,14 +105,23 @@ async def http(
     if body is None and method in ("POST", "PUT", "PATCH"):
         body = b""
     request = HTTPRequest(
-        url, method=method, body=body, headers=headers, request_timeout=timeout,
-        allow_nonstandard_methods=True, decompress_response=False,
+        url,
+        method=method,
+        body=body,
+        headers=headers,
+        request_timeout=timeout,
+        allow_nonstandard_methods=True,
+        decompress_response=False,
     )
     return await AsyncHTTPClient().fetch(request, raise_error=False)
 
 
-async def publish(running: Running, topic: str, data: Any, **extra: Any) -> dict[str, Any]:
-    response = await http("POST", running.url(f"/topics/{topic}/events"), {"data": data, **extra})
+async def publish(
+    running: Running, topic: str, data: Any, **extra: Any
+) -> dict[str, Any]:
+    response = await http(
+        "POST", running.url(f"/topics/{topic}/events"), {"data": data, **extra}
+    )
     assert response.code == 200, (response.code, response.body)
     return json.loads(response.body)
 
@@ -133,8 +142,13 @@ class SSEClient:
     response head and then the event stream (WHATWG rules), and can inflate
     gzip. Keeps every byte received in ``raw``."""
 
-    def __init__(self, port: int, path: str, headers: dict[str, str] | None = None,
-                 host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int,
+        path: str,
+        headers: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.port = port
         self.path = path
         self.host = host
@@ -156,8 +170,11 @@ class SSEClient:
 
     async def connect(self, timeout: float = DEADLINE_S) -> SSEClient:
         self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        lines = [f"GET {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                 "Accept: text/event-stream"]
+        lines = [
+            f"GET {self.path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            "Accept: text/event-stream",
+        ]
         lines += [f"{k}: {v}" for k, v in self.headers.items()]
         self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         head = await asyncio.wait_for(self._reader.readuntil(b"\r\n\r\n"), timeout)
@@ -196,10 +213,13 @@ class SSEClient:
             line, self._text = self._text.split("\n", 1)
             if line == "":
                 if "data" in self._pending:
-                    self.events.append(SSEEvent(
-                        self._pending.get("id"), self._pending.get("event", "message"),
-                        "\n".join(self._pending["data"]),
-                    ))
+                    self.events.append(
+                        SSEEvent(
+                            self._pending.get("id"),
+                            self._pending.get("event", "message"),
+                            "\n".join(self._pending["data"]),
+                        )
+                    )
                 self._pending = {}
             elif line.startswith(":"):
                 self.comments.append(line[1:].strip())
@@ -217,16 +237,26 @@ class SSEClient:
         """Events other than ssepg's own signals."""
         return [e for e in self.events if not e.event.startswith("ssepg-")]
 
-    async def wait_events(self, count: int, timeout: float = DEADLINE_S) -> list[SSEEvent]:
-        await wait_until(lambda: len(self.data_events()) >= count or self.closed,
-                         timeout, message=f"{count} events on {self.path}")
+    async def wait_events(
+        self, count: int, timeout: float = DEADLINE_S
+    ) -> list[SSEEvent]:
+        await wait_until(
+            lambda: len(self.data_events()) >= count or self.closed,
+            timeout,
+            message=f"{count} events on {self.path}",
+        )
         events = self.data_events()
-        assert len(events) >= count, f"stream closed after {len(events)} of {count} events"
+        assert len(events) >= count, (
+            f"stream closed after {len(events)} of {count} events"
+        )
         return events
 
     async def wait_comment(self, text: str, timeout: float = DEADLINE_S) -> None:
-        await wait_until(lambda: any(text in c for c in self.comments), timeout,
-                         message=f"comment {text!r}")
+        await wait_until(
+            lambda: any(text in c for c in self.comments),
+            timeout,
+            message=f"comment {text!r}",
+        )
 
     async def wait_closed(self, timeout: float = DEADLINE_S) -> None:
         await wait_until(lambda: self.closed, timeout, message="stream closed")
@@ -238,8 +268,11 @@ class SSEClient:
             self._task.cancel()
 
 
-async def subscribe(running: Running, topic: str, headers: dict[str, str] | None = None,
-                    query: str = "") -> SSEClient:
+async def subscribe(
+    running: Running, topic: str, headers: dict[str, str] | None = None, query: str = ""
+) -> SSEClient:
     """Open a stream. The server registers a stream before it sends the
     response head, so once `connect` returns, the stream receives events."""
-    return await SSEClient(running.port, f"/topics/{topic}/events{query}", headers).connect()
+    return await SSEClient(
+        running.port, f"/topics/{topic}/events{query}", headers
+    ).connect()

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import pytest
+
 from support import SSEClient, http, unique_topic
 
 # Every refused request writes a WARNING access line.

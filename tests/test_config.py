@@ -17,13 +17,14 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
-from support import unique_topic, wait_until
 
 import ssepg
 from ssepg import Config, ConfigError, Service
 from ssepg import config as config_module
 from ssepg.broker import channel_for
 from ssepg.server import build_parser
+
+from support import unique_topic, wait_until
 
 FIELDS = [f.name for f in dataclasses.fields(Config)]
 MiB = 1024 * 1024

@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-from support import DEADLINE_S, unique_topic
 
 from ssepg import Dispatcher, Event, InvalidTopic, SlowConsumer, Subscription
+
+from support import DEADLINE_S, unique_topic
 
 
 @pytest.fixture

@@ -17,9 +17,10 @@ import zlib
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from support import SSEClient, http, publish, subscribe, unique_topic, wait_until
 
 from ssepg import BrokerError
+
+from support import SSEClient, http, publish, subscribe, unique_topic, wait_until
 
 # Publishes refused while draining log WARNING access lines.
 pytestmark = pytest.mark.allow_warnings

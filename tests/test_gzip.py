@@ -12,10 +12,11 @@ import zlib
 from typing import Any
 
 import pytest
-from support import DEADLINE_S, SSEClient, unique_topic, wait_until
 
 from ssepg._fast import SYNC_INTERVAL_FRAMES, Subscriber
 from ssepg.handlers import accepts_gzip
+
+from support import DEADLINE_S, SSEClient, unique_topic, wait_until
 
 
 class GzipStream:

@@ -22,6 +22,9 @@ import pytest
 import tornado
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ssepg import Config, ConfigError, Service
+
 from support import (
     SSEClient,
     dsn_with_dbname,
@@ -31,8 +34,6 @@ from support import (
     unique_topic,
     wait_until,
 )
-
-from ssepg import Config, ConfigError, Service
 
 TOP_LEVEL = {
     "status",

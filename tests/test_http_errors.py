@@ -7,9 +7,10 @@ import json
 from typing import Any
 
 import pytest
-from support import DEADLINE_S, Running, http, publish, subscribe, unique_topic
 
 from ssepg.broker import build_envelope
+
+from support import DEADLINE_S, Running, http, publish, subscribe, unique_topic
 
 # Every rejected request writes a WARNING access line.
 pytestmark = pytest.mark.allow_warnings

@@ -10,6 +10,7 @@ import socket
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from support import (
     DEADLINE_S,
     http,

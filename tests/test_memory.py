@@ -12,9 +12,10 @@ import re
 import psutil
 import psycopg
 import pytest
-from support import publish, subscribe, unique_topic, wait_until
 
 from ssepg.broker import build_envelope, channel_for
+
+from support import publish, subscribe, unique_topic, wait_until
 
 MiB = 1024 * 1024
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from support import http, publish, subscribe, unique_topic, wait_until
 
 

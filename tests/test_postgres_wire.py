@@ -9,10 +9,11 @@ import json
 
 import psycopg
 import pytest
-from support import http, subscribe, unique_topic, wait_until
 
 from ssepg._fast import fnv1a_32
 from ssepg.broker import channel_for
+
+from support import http, subscribe, unique_topic, wait_until
 
 FNV_VECTORS = {
     "a": 0xE40C292C,

@@ -27,8 +27,8 @@ from ssepg import Config, Service
 from ssepg.broker import build_envelope
 from ssepg.errors import InvalidTopic
 from ssepg.handlers import ApiError, parse_publish_body, parse_topics
-from ssepg.hub import normalize_topic
 from ssepg.service import bound_port
+from ssepg.topics import normalize_topic
 
 TOPIC_RE = re.compile(r"[a-z0-9_.:-]{1,128}")
 EVENT_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")

@@ -8,6 +8,7 @@ import logging
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from support import http, publish, subscribe, unique_topic, wait_until
 
 # pg_notification_queue_usage() counts whole 8 KiB queue pages out of about

@@ -13,6 +13,10 @@ import pytest
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
+
+from ssepg import BrokerError, InvalidTopic, PayloadTooLarge, Service
+from ssepg.handlers import BatchPublishHandler, HealthHandler, TopicEventsHandler
+
 from support import (
     Running,
     SSEClient,
@@ -22,9 +26,6 @@ from support import (
     unique_topic,
     wait_until,
 )
-
-from ssepg import BrokerError, InvalidTopic, PayloadTooLarge, Service
-from ssepg.handlers import BatchPublishHandler, HealthHandler, TopicEventsHandler
 
 BURST = 1000
 

@@ -6,9 +6,10 @@ import asyncio
 import json
 
 import pytest
-from support import DEADLINE_S, http, publish, unique_topic
 
 from ssepg._fast import comment, encode_frame
+
+from support import DEADLINE_S, http, publish, unique_topic
 
 REQUIRED_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
