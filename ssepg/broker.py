@@ -116,6 +116,17 @@ class Broker:
     async def start(self) -> None:
         raise NotImplementedError
 
+    def submit(
+        self, topic: str, event_id: str, event: str, data: bytes, envelope: bytes
+    ) -> asyncio.Future[None] | None:
+        """Send one event. Returns None when the broker took it at once, else
+        a future that resolves once it did, or fails with `BrokerError`
+        when not taken within the publish timeout.
+
+        :raises BrokerError: the broker is closed.
+        """
+        raise NotImplementedError
+
     async def publish(
         self, topic: str, event_id: str, event: str, data: bytes, envelope: bytes
     ) -> None:
@@ -123,7 +134,9 @@ class Broker:
 
         :raises BrokerError: not taken within the publish timeout.
         """
-        raise NotImplementedError
+        confirmed = self.submit(topic, event_id, event, data, envelope)
+        if confirmed is not None:
+            await confirmed
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -146,7 +159,7 @@ class MemoryBroker(Broker):
     async def start(self) -> None:
         pass
 
-    async def publish(
+    def submit(
         self, topic: str, event_id: str, event: str, data: bytes, envelope: bytes
     ) -> None:
         if self._closed:
@@ -526,14 +539,16 @@ class _Publisher:
         self.batches = 0
         self.is_connected = False
 
-    async def publish(self, channel: str, payload: bytes, timeout: float) -> None:
+    def submit(
+        self, channel: str, payload: bytes, timeout: float
+    ) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._pending.append((channel, payload, fut, loop.time() + timeout))
         if self._deadline_timer is None:
             self._deadline_timer = loop.call_later(timeout, self._expire)
         self._kick()
-        await fut
+        return fut
 
     def _expire(self) -> None:
         # One timer serves every publish (no task or timer each): it fails
@@ -796,13 +811,13 @@ class PostgresBroker(Broker):
             await asyncio.sleep(0.02)
         return self.is_connected
 
-    async def publish(
+    def submit(
         self, topic: str, event_id: str, event: str, data: bytes, envelope: bytes
-    ) -> None:
+    ) -> asyncio.Future[None]:
         if self.is_closing or self._publisher is None:
             raise BrokerError("broker is closing")
         channel = channel_for(topic, self.config.notify_shards)
-        await self._publisher.publish(channel, envelope, self.config.publish_timeout)
+        return self._publisher.submit(channel, envelope, self.config.publish_timeout)
 
     async def _poll_queue(self) -> None:
         interval = self.config.queue_poll_interval

@@ -234,6 +234,22 @@ class Service:
 
     async def publish_raw(self, topic: str, data: bytes, event: str = "message") -> str:
         """Publish compact JSON *data* on a normalised *topic*; see `publish`."""
+        event_id, confirmed = self.submit_raw(topic, data, event)
+        if confirmed is not None:
+            await confirmed
+        return event_id
+
+    def submit_raw(
+        self, topic: str, data: bytes, event: str = "message"
+    ) -> tuple[str, asyncio.Future[None] | None]:
+        """Start publishing compact JSON *data* on a normalised *topic*, for
+        callers that do not want a coroutine per event. Returns the event id
+        and None when the broker took it at once, else a future that resolves
+        (or fails with `BrokerError`) when it did.
+
+        :raises PayloadTooLarge: the envelope exceeds ``max_notify_bytes``.
+        :raises BrokerError: the service is closing.
+        """
         if self.is_draining or self.is_closed:
             raise BrokerError("service is shutting down")
         event_id = self.dispatcher.next_id()
@@ -242,10 +258,21 @@ class Service:
         if len(envelope) > limit:
             raise PayloadTooLarge("event too large", len(envelope), limit)
         started = time.perf_counter()
-        await self.broker.publish(topic, event_id, event, data, envelope)
+        confirmed = self.broker.submit(topic, event_id, event, data, envelope)
+        if confirmed is None:
+            self._count_published(topic, started)
+        else:
+
+            def count(fut: asyncio.Future[None]) -> None:
+                if not fut.cancelled() and fut.exception() is None:
+                    self._count_published(topic, started)
+
+            confirmed.add_done_callback(count)
+        return event_id, confirmed
+
+    def _count_published(self, topic: str, started: float) -> None:
         self.metrics.observe_publish(time.perf_counter() - started)
         self.dispatcher.count_published(topic)
-        return event_id
 
     # Health ------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ssepg._fast import SYNC_INTERVAL_FRAMES, Subscriber
-from ssepg.handlers import accepts_gzip
+from ssepg.api import accepts_gzip
 
 from support import DEADLINE_S, SSEClient, unique_topic, wait_until
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from ssepg import Config, Service
 from ssepg.broker import build_envelope
 from ssepg.errors import InvalidTopic
-from ssepg.handlers import ApiError, parse_publish_body, parse_topics
+from ssepg.api import ApiError, parse_publish_body, parse_topics
 from ssepg.service import bound_port
 from ssepg.topics import normalize_topic
 
