@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from ssepg import Config, Service
+from ssepg.api import ApiError, parse_publish_body, parse_topics
 from ssepg.broker import build_envelope
 from ssepg.errors import InvalidTopic
-from ssepg.api import ApiError, parse_publish_body, parse_topics
 from ssepg.service import bound_port
 from ssepg.topics import normalize_topic
 
