@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 import ujson
-from tornado.httputil import parse_qs_bytes
+from tornado.escape import parse_qs_bytes
 
 from ._fast import (
     JSONError,

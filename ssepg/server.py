@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -23,8 +24,9 @@ import tornado.web
 
 from .config import Config
 from .errors import ConfigError
-from .log import http_log
-from .service import Service, make_app
+from .handlers import NotFoundHandler
+from .log import access_log, http_log
+from .service import Service
 
 __all__ = ["main", "serve", "build_parser"]
 
@@ -57,6 +59,13 @@ def build_parser(prog: str = "ssepg") -> argparse.ArgumentParser:
         default=int(env.get("SSEPG_PROCESSES", "1")),
         help="instances sharing the port via SO_REUSEPORT; needs a DSN above 1 "
         "(SSEPG_PROCESSES)",
+    )
+    parser.add_argument(
+        "--loop",
+        default=env.get("SSEPG_LOOP", "auto"),
+        choices=["auto", "uvloop", "asyncio"],
+        help="event loop: uvloop when installed (auto), or asyncio's own "
+        "(SSEPG_LOOP, default auto)",
     )
     parser.add_argument(
         "--log-level",
@@ -95,13 +104,27 @@ def main(
             "through Postgres"
         )
     _raise_fd_limit()
-    if args.processes > 1:
-        return _run_processes(
-            args.processes, config, args.host, args.port, extra_routes
-        )
-    return _run_one(
-        config, args.host, args.port, reuse_port=False, extra_routes=extra_routes
+    if args.loop == "uvloop" and _uvloop() is None:
+        parser.error("--loop uvloop: uvloop is not installed")
+    run = functools.partial(
+        _run_one,
+        config,
+        args.host,
+        args.port,
+        loop=args.loop,
+        extra_routes=extra_routes,
     )
+    if args.processes > 1:
+        return _run_processes(args.processes, args.port, run)
+    return run(reuse_port=False)
+
+
+def _uvloop() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop
 
 
 def _run_one(
@@ -110,12 +133,16 @@ def _run_one(
     port: int,
     *,
     reuse_port: bool,
-    extra_routes: RouteFactory | None,
+    loop: str = "auto",
+    extra_routes: RouteFactory | None = None,
 ) -> int:
+    main = serve(config, host, port, reuse_port=reuse_port, extra_routes=extra_routes)
+    uvloop = _uvloop() if loop != "asyncio" else None
     try:
-        asyncio.run(
-            serve(config, host, port, reuse_port=reuse_port, extra_routes=extra_routes)
-        )
+        if uvloop is not None:
+            uvloop.run(main)
+        else:
+            asyncio.run(main)
     except ConfigError as exc:
         http_log.error("cannot start: %s", exc)
         return 2
@@ -139,15 +166,26 @@ async def serve(
     service = await Service.start(config)
     try:
         routes = list(extra_routes(service)) if extra_routes else []
-        app = make_app(service)
+        # The front answers ssepg's own routes; an application is only needed
+        # for the rest (the example page).
+        app = None
         if routes:
-            app.add_handlers(r".*", routes)
+            app = tornado.web.Application(
+                routes,
+                default_handler_class=NotFoundHandler,
+                default_handler_args={"service": service},
+                log_function=_log_request,
+            )
         service.listen(port, host, app=app, reuse_port=reuse_port)
     except BaseException:
         await service.close(drain=0)
         raise
     http_log.info(
-        "listening on http://%s:%d (pid %d)", host or "0.0.0.0", port, os.getpid()
+        "listening on http://%s:%d (pid %d, %s loop)",
+        host or "0.0.0.0",
+        port,
+        os.getpid(),
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -162,6 +200,18 @@ async def serve(
         await service.close()
 
 
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    # The path only: query strings never reach the logs.
+    request = handler.request
+    access_log.info(
+        "%s %s %d %.3fs",
+        request.method,
+        request.path,
+        handler.get_status(),
+        request.request_time(),
+    )
+
+
 def _raise_fd_limit() -> None:
     # Every stream is a file descriptor; the default soft limit (often 1024)
     # is far below what one process can serve.
@@ -172,9 +222,7 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _run_processes(
-    count: int, config: Config, host: str, port: int, extra_routes: RouteFactory | None
-) -> int:
+def _run_processes(count: int, port: int, run: Callable[..., int]) -> int:
     """Fork *count* instances sharing the port with SO_REUSEPORT; the parent
     forwards SIGTERM/SIGINT, restarts a child that dies unexpectedly, and
     exits when all children have."""
@@ -186,10 +234,7 @@ def _run_processes(
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = _run_one(
-                config, host, port, reuse_port=True, extra_routes=extra_routes
-            )
-            os._exit(code)
+            os._exit(run(reuse_port=True))
         children[pid] = index
 
     def forward(signum: int, frame: object) -> None:

@@ -21,6 +21,7 @@ from ._fast import comment
 from .broker import Broker, MemoryBroker, PostgresBroker, build_envelope
 from .config import Config, format_bytes, redact_dsn
 from .errors import BrokerError, ConfigError, PayloadTooLarge
+from .front import Front
 from .handlers import (
     BatchPublishHandler,
     HealthHandler,
@@ -64,7 +65,7 @@ class Service:
         self.is_closed = False
         self.started_at = time.time()
         self.metrics = Metrics(self)
-        self._servers: list[tornado.httpserver.HTTPServer] = []
+        self._servers: list[tornado.httpserver.HTTPServer | Front] = []
         self._cleanup_handle: asyncio.TimerHandle | None = None
         self._under_pressure = False
         self._process = psutil.Process()
@@ -90,20 +91,16 @@ class Service:
             )
         await self.broker.start()
         if config.health_port is not None:
-            app = tornado.web.Application(
-                self.health_routes(),
-                default_handler_class=NotFoundHandler,
-                default_handler_args={"service": self},
-                log_function=_no_log,
-            )
+            front = Front(self, health_only=True)
             try:
-                self.listen(config.health_port, app=app)
+                front.listen(config.health_port)
             except OSError as exc:
                 await self.broker.close()
                 raise ConfigError(
                     "health_port",
                     f"cannot listen on port {config.health_port}: {exc.strerror}",
                 ) from exc
+            self._servers.append(front)
         loop = asyncio.get_running_loop()
         self._cleanup_handle = loop.call_later(
             config.memory_cleanup_interval, self._cleanup
@@ -186,10 +183,24 @@ class Service:
         *,
         app: tornado.web.Application | None = None,
         reuse_port: bool = False,
-    ) -> tornado.httpserver.HTTPServer:
-        """Serve *app* (default: `make_app` of this service) on *port*; the
-        server is closed by `close`. Port 0 picks a free port; the sockets
-        are in ``server._sockets``, see `bound_port`."""
+        tornado_server: bool = False,
+    ) -> Front | tornado.httpserver.HTTPServer:
+        """Serve this service on *port* (0 picks a free one, see
+        `bound_port`) until `close`.
+
+        By default through `ssepg.front.Front`, which answers ssepg's routes
+        itself and hands any other request to *app*, a Tornado application
+        of your own (without one, those get a JSON 404). With
+        *tornado_server*, Tornado's own HTTP server runs *app* (default:
+        `make_app` of this service) with the Tornado handlers.
+
+        :raises OSError: the port cannot be bound.
+        """
+        if not tornado_server:
+            front = Front(self, app)
+            front.listen(port, address, reuse_port)
+            self._servers.append(front)
+            return front
         if app is None:
             app = make_app(self)
         server = tornado.httpserver.HTTPServer(
@@ -409,14 +420,20 @@ class Service:
             goodbye = comment("server shutting down") + b"retry: %d\n\n" % retry_ms
             self.dispatcher.close_stream(sub, goodbye, "shutdown")
         for server in self._servers:
-            server.stop()
+            if isinstance(server, Front):
+                await server.stop()
+            else:
+                server.stop()
         totals = self.dispatcher.stats(0)["totals"]
         self.dispatcher.close()
         await self.broker.close()
         if self._cleanup_handle is not None:
             self._cleanup_handle.cancel()
         for server in self._servers:
-            await server.close_all_connections()
+            if isinstance(server, Front):
+                await server.close()
+            else:
+                await server.close_all_connections()
         self._servers.clear()
         self.is_closed = True
         hub_log.info(
@@ -443,8 +460,10 @@ def _no_log(handler: tornado.web.RequestHandler) -> None:
     pass
 
 
-def bound_port(server: tornado.httpserver.HTTPServer) -> int:
+def bound_port(server: Front | tornado.httpserver.HTTPServer) -> int:
     """The TCP port *server* listens on (for servers started on port 0)."""
+    if isinstance(server, Front):
+        return server.port
     for sock in server._sockets.values():  # noqa: SLF001 - Tornado keeps no public accessor
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             return int(sock.getsockname()[1])

@@ -61,10 +61,26 @@ def pytest_collection_modifyitems(
 
 
 @pytest.fixture
-def services(io_loop: Any) -> Iterator[ServiceFactory]:
+def http_server() -> str:
+    """Which HTTP server `services` listens with: ssepg's front, or (for
+    modules marked ``both_servers``, in a second run) Tornado's own server
+    with the Tornado handlers that mount into existing applications."""
+    return "front"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (
+        metafunc.definition.get_closest_marker("both_servers") is not None
+        and "services" in metafunc.fixturenames
+    ):
+        metafunc.parametrize("http_server", ["front", "tornado"])
+
+
+@pytest.fixture
+def services(io_loop: Any, http_server: str) -> Iterator[ServiceFactory]:
     """Start services with ``await services.start(**config)``; all are
     closed after the test."""
-    factory = ServiceFactory()
+    factory = ServiceFactory(tornado_server=http_server == "tornado")
     try:
         yield factory
     finally:
@@ -101,6 +117,11 @@ def no_unexpected_warnings(request: pytest.FixtureRequest) -> Iterator[_WarningG
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "allow_warnings: the test provokes ssepg warnings on purpose"
+    )
+    config.addinivalue_line(
+        "markers",
+        "both_servers: run the test against ssepg's HTTP front and against "
+        "Tornado's server with the Tornado handlers",
     )
 
 

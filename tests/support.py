@@ -73,12 +73,13 @@ TEST_CONFIG: dict[str, Any] = {
 @dataclass
 class ServiceFactory:
     running: list[Running] = field(default_factory=list)
+    tornado_server: bool = False
 
     async def start(self, wait_listen: bool = True, **overrides: Any) -> Running:
         """Start a service on a free port of 127.0.0.1."""
         settings = {**TEST_CONFIG, **overrides}
         service = await Service.start(Config(**settings))
-        server = service.listen(0, "127.0.0.1")
+        server = service.listen(0, "127.0.0.1", tornado_server=self.tornado_server)
         running = Running(service, bound_port(server))
         self.running.append(running)
         if wait_listen and service.config.dsn:

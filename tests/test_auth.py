@@ -12,7 +12,7 @@ import pytest
 from support import SSEClient, http, unique_topic
 
 # Every refused request writes a WARNING access line.
-pytestmark = pytest.mark.allow_warnings
+pytestmark = [pytest.mark.allow_warnings, pytest.mark.both_servers]
 
 PUBLISH = "pub-3f9c1e7a"
 LISTEN = "lis-84b2d0c5"

@@ -11,6 +11,9 @@ import pytest
 
 from support import SSEClient, http, publish, subscribe, unique_topic
 
+# The contract holds whichever HTTP server carries it.
+pytestmark = pytest.mark.both_servers
+
 APP = "http://app.example:8000"
 OTHER = "https://other.example"
 

@@ -13,7 +13,7 @@ from ssepg.broker import build_envelope
 from support import DEADLINE_S, Running, http, publish, subscribe, unique_topic
 
 # Every rejected request writes a WARNING access line.
-pytestmark = pytest.mark.allow_warnings
+pytestmark = [pytest.mark.allow_warnings, pytest.mark.both_servers]
 
 BODY_LIMIT = 256 * 1024
 

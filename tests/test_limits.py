@@ -21,7 +21,7 @@ from support import (
 )
 
 # Refused requests and dropped subscribers log WARNING lines.
-pytestmark = pytest.mark.allow_warnings
+pytestmark = [pytest.mark.allow_warnings, pytest.mark.both_servers]
 
 
 async def frozen_subscriber(port: int, path: str) -> socket.socket:

@@ -6,6 +6,9 @@ import pytest
 
 from support import publish, subscribe, unique_topic
 
+# The contract holds whichever HTTP server carries it.
+pytestmark = pytest.mark.both_servers
+
 
 @pytest.mark.gen_test(timeout=60)
 async def test_two_instances_deliver_each_others_events(services, pg_dsn):
