@@ -60,15 +60,6 @@ MAX_BATCH_EVENTS = 2000
 MAX_BATCH_BYTES = 4 << 20
 PUBLISH_CONNECTIONS = 2
 
-_NOTIFY_ONE = "SELECT pg_notify(%s, %s)"
-# A batch travels as one json parameter, [[channel, envelope], ...]: Postgres'
-# json type keeps each element's text byte for byte, and building it is one
-# bytes join here, where a text[] parameter would be escaped item by item.
-_NOTIFY_MANY = (
-    "SELECT count(pg_notify(e->>0, (e->1)::text))"
-    " FROM json_array_elements(%s::json) AS e"
-)
-
 # channel, envelope, the publisher's future, its deadline on the loop clock
 _Item = tuple[str, bytes, "asyncio.Future[None]", float]
 
@@ -514,11 +505,159 @@ class _RoundTripError(Exception):
     pass
 
 
-def _batch_json(batch: list[_Item]) -> str:
-    # Channel names are ASCII from a fixed pattern and envelopes are valid
-    # JSON, so the array needs no escaping.
+def _batch_json(batch: list[_Item]) -> bytes:
+    # A batch travels as one json parameter, [[channel, envelope], ...]:
+    # Postgres' json type keeps each element's text byte for byte, and
+    # building it is one bytes join here, where a text[] parameter would be
+    # escaped item by item. Channel names are ASCII from a fixed pattern and
+    # envelopes are valid JSON, so the array needs no escaping.
     parts = [b'["' + c.encode("ascii") + b'",' + p + b"]" for c, p, _, _ in batch]
-    return (b"[" + b",".join(parts) + b"]").decode("utf-8")
+    return b"[" + b",".join(parts) + b"]"
+
+
+class _StatementRefused(Exception):
+    """Postgres refused a statement for what it holds (the connection is
+    fine)."""
+
+
+class _PublishConnection:
+    """A publish connection driven through libpq directly.
+
+    Its two statements are prepared once; a batch is then one
+    ``send_query_prepared`` whose result a reader callback collects, with
+    none of psycopg's per-statement machinery (cursor, query conversion,
+    wait generator, task steps), which cost more than the rest of the
+    publish path. One statement is in flight at a time. Belongs to the
+    IOLoop it was opened on.
+    """
+
+    ONE = b"ssepg_notify_one"
+    MANY = b"ssepg_notify_many"
+
+    def __init__(
+        self, conn: psycopg.AsyncConnection[Any], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.conn = conn
+        self._pg = conn.pgconn
+        self._fd = self._pg.socket
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: str | None = None
+        self._writing = False
+        self.is_broken = False
+        loop.add_reader(self._fd, self._on_readable)
+
+    @classmethod
+    async def open(
+        cls, dsn: str, loop: asyncio.AbstractEventLoop
+    ) -> _PublishConnection:
+        conn = await _connect(dsn)
+        try:
+            for statement in (
+                "PREPARE ssepg_notify_one(text, text) AS SELECT pg_notify($1, $2)",
+                "PREPARE ssepg_notify_many(json) AS SELECT count(pg_notify(e->>0, "
+                "(e->1)::text)) FROM json_array_elements($1) AS e",
+            ):
+                await _bounded(conn, conn.execute(statement), STATEMENT_TIMEOUT_S)
+        except BaseException:
+            await _close_quietly(conn)
+            raise
+        return cls(conn, loop)
+
+    @property
+    def is_usable(self) -> bool:
+        return not self.is_broken and not self.conn.closed
+
+    async def run(self, name: bytes, params: list[bytes], timeout: float) -> None:
+        """Execute the prepared statement *name* with text *params*.
+
+        :raises _StatementRefused: Postgres refused it for what it holds.
+        :raises OSError: the connection failed (it is unusable from then on).
+        :raises TimeoutError: no answer within *timeout* (likewise).
+        """
+        if self._waiter is not None:
+            raise RuntimeError("a statement is already in flight")
+        pg = self._pg
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, self._time_out, timeout)
+        try:
+            pg.send_query_prepared(name, params)
+            self._flush()
+            await waiter
+        except psycopg.Error as exc:
+            self.is_broken = True
+            raise OSError(_describe(exc)) from None
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _flush(self) -> None:
+        # A large batch may not fit the socket at once: libpq keeps the rest
+        # and sends it when the socket can take it.
+        if self._pg.flush() == 0:
+            if self._writing:
+                self._writing = False
+                self._loop.remove_writer(self._fd)
+        elif not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            self._flush()
+        except psycopg.Error as exc:
+            self._fail(OSError(_describe(exc)))
+
+    def _on_readable(self) -> None:
+        pg = self._pg
+        try:
+            pg.consume_input()
+            while self._waiter is not None and not pg.is_busy():
+                result = pg.get_result()
+                if result is None:
+                    self._settle()
+                    break
+                if result.status == psycopg.pq.ExecStatus.FATAL_ERROR:
+                    self._error = (result.error_message or b"").decode(
+                        "utf-8", "replace"
+                    )
+            while pg.notifies() is not None:
+                pass  # nothing listens here; keep libpq's list empty
+        except psycopg.Error as exc:
+            self._fail(OSError(_describe(exc)))
+
+    def _settle(self) -> None:
+        waiter, error = self._waiter, self._error
+        self._error = None
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(_StatementRefused(error.strip()))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.is_broken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _time_out(self, timeout: float) -> None:
+        # The path may be dead without a word from TCP: give the
+        # connection up rather than wait for it.
+        self._fail(TimeoutError(f"no answer from Postgres within {timeout:g} s"))
+        _kill_socket(self.conn)
+
+    def kill(self) -> None:
+        """Shut the socket down: a statement in flight fails at once."""
+        self.is_broken = True
+        _kill_socket(self.conn)
+
+    async def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+        self.is_broken = True
+        await _close_quietly(self.conn)
 
 
 class _Publisher:
@@ -528,9 +667,10 @@ class _Publisher:
     def __init__(self, broker: PostgresBroker) -> None:
         self._broker = broker
         self._pending: list[_Item] = []
-        self._conns: list[psycopg.AsyncConnection[Any] | None] = [
-            None
-        ] * PUBLISH_CONNECTIONS
+        self._conns: list[_PublishConnection | None] = [None] * PUBLISH_CONNECTIONS
+        # Kept: asyncio.get_running_loop() costs a getpid() call on some
+        # Python versions, and this is per event.
+        self._loop = asyncio.get_running_loop()
         self._busy = [False] * PUBLISH_CONNECTIONS
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: list[list[_Item] | None] = [None] * PUBLISH_CONNECTIONS
@@ -542,7 +682,7 @@ class _Publisher:
     def submit(
         self, channel: str, payload: bytes, timeout: float
     ) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         fut: asyncio.Future[None] = loop.create_future()
         self._pending.append((channel, payload, fut, loop.time() + timeout))
         if self._deadline_timer is None:
@@ -556,7 +696,7 @@ class _Publisher:
         # Queued and in-flight items are in deadline order, so only the head
         # of each list is looked at.
         self._deadline_timer = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         message = (
             f"publish not confirmed within {self._broker.config.publish_timeout:g} s"
@@ -620,36 +760,46 @@ class _Publisher:
         finally:
             self._in_flight[slot] = None
 
+    async def _connection(self, slot: int) -> _PublishConnection:
+        pc = self._conns[slot]
+        if pc is None or not pc.is_usable:
+            if pc is not None:
+                self._conns[slot] = None
+                await pc.close()
+            pc = await _PublishConnection.open(self._broker.dsn, self._loop)
+            self._conns[slot] = pc
+            self.is_connected = True
+        return pc
+
+    async def _drop(self, slot: int) -> None:
+        pc, self._conns[slot] = self._conns[slot], None
+        self.is_connected = False
+        if pc is not None:
+            await pc.close()
+
     async def _send_batch(self, slot: int, batch: list[_Item]) -> None:
         broker = self._broker
+        timeout = broker.config.publish_timeout
         attempts = broker.config.publish_retries + 1
         for attempt in range(attempts):
             batch = [item for item in batch if not item[2].done()]
             if not batch:
                 return
             try:
-                conn = self._conns[slot]
-                if conn is None or conn.closed:
-                    conn = self._conns[slot] = await _connect(broker.dsn)
-                    self.is_connected = True
+                pc = await self._connection(slot)
                 if len(batch) == 1:
-                    work = conn.execute(
-                        _NOTIFY_ONE,
-                        (batch[0][0], batch[0][1].decode("utf-8")),
-                        prepare=True,
-                    )
+                    channel, payload = batch[0][0], batch[0][1]
+                    await pc.run(pc.ONE, [channel.encode("ascii"), payload], timeout)
                 else:
-                    work = conn.execute(
-                        _NOTIFY_MANY,
-                        (_batch_json(batch),),
-                        prepare=True,
-                    )
-                await _bounded(conn, work, broker.config.publish_timeout)
-            except (psycopg.OperationalError, OSError, TimeoutError) as exc:
+                    await pc.run(pc.MANY, [_batch_json(batch)], timeout)
+            except _StatementRefused:
+                # Refused by Postgres for what an event holds: the connection
+                # is fine, so find the culprit by sending each one alone.
+                await self._send_each(slot, batch)
+                return
+            except (psycopg.Error, OSError, TimeoutError) as exc:
                 # The connection is gone or stuck: drop it, retry on a new one.
-                conn, self._conns[slot] = self._conns[slot], None
-                self.is_connected = False
-                await _close_quietly(conn)
+                await self._drop(slot)
                 self._log.log(
                     "publish connection failed (%s); %d attempts left",
                     _describe(exc),
@@ -658,11 +808,6 @@ class _Publisher:
                 if attempt + 1 < attempts:
                     await broker.sleep(_backoff(attempt) / 4)
                 continue
-            except psycopg.Error:
-                # Refused by Postgres for what an event holds: the connection
-                # is fine, so find the culprit by sending each one alone.
-                await self._send_each(slot, batch)
-                return
             self.batches += 1
             for _, _, fut, _ in batch:
                 if not fut.done():
@@ -675,28 +820,19 @@ class _Publisher:
     async def _send_each(self, slot: int, batch: list[_Item]) -> None:
         timeout = self._broker.config.publish_timeout
         for channel, payload, fut, _ in batch:
-            conn = self._conns[slot]
+            pc = self._conns[slot]
             if fut.done():
                 continue
-            if conn is None or conn.closed:
+            if pc is None or not pc.is_usable:
                 fut.set_exception(BrokerError("Postgres is unreachable"))
                 continue
             try:
-                await _bounded(
-                    conn,
-                    conn.execute(_NOTIFY_ONE, (channel, payload.decode("utf-8"))),
-                    timeout,
-                )
-            except psycopg.OperationalError as exc:
-                fut.set_exception(BrokerError(f"publish failed: {exc}"))
-            except TimeoutError as exc:
-                self._conns[slot] = None
-                await _close_quietly(conn)
-                fut.set_exception(BrokerError(str(exc)))
-            except psycopg.Error as exc:
-                fut.set_exception(
-                    PublishError(f"postgres refused the event: {exc}".strip())
-                )
+                await pc.run(pc.ONE, [channel.encode("ascii"), payload], timeout)
+            except _StatementRefused as exc:
+                fut.set_exception(PublishError(f"postgres refused the event: {exc}"))
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                await self._drop(slot)
+                fut.set_exception(BrokerError(f"publish failed: {_describe(exc)}"))
             else:
                 if not fut.done():
                     fut.set_result(None)
@@ -705,14 +841,10 @@ class _Publisher:
         """Shut every publish connection down: a statement in flight fails at
         once and is retried on a new connection instead of waiting out the
         publish timeout on a dead path; idle connections are replaced."""
-        for slot, conn in enumerate(self._conns):
-            _kill_socket(conn)
-            if conn is not None and not self._busy[slot]:
-                self._conns[slot] = None
-                self.is_connected = False
-                task = asyncio.ensure_future(_close_quietly(conn))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        for pc in self._conns:
+            if pc is not None:
+                pc.kill()
+        self.is_connected = False
 
     async def close(self) -> None:
         for _, _, fut, _ in self._pending:
@@ -722,9 +854,8 @@ class _Publisher:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(task, 5.0)
-        for slot, conn in enumerate(self._conns):
-            self._conns[slot] = None
-            await _close_quietly(conn)
+        for slot in range(PUBLISH_CONNECTIONS):
+            await self._drop(slot)
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None

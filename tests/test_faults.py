@@ -464,7 +464,7 @@ class PeakRSS:
 
 def publish_connection_pids(service: Any) -> list[int]:
     conns = service.broker._publisher._conns
-    return [c.pgconn.backend_pid for c in conns if c is not None and not c.closed]
+    return [c.conn.pgconn.backend_pid for c in conns if c is not None and c.is_usable]
 
 
 # Publish errors ----------------------------------------------------------------
