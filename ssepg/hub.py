@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._fast import (
@@ -133,6 +134,8 @@ class Dispatcher:
         self._streams: set[Subscriber] = set()
         self._holds = 0
         self._waiting_since: float | None = None
+        self._parked: list[tuple[Callable[..., None], tuple[int, ...]]] = []
+        self._park_timer: asyncio.TimerHandle | None = None
         self._lagging: list[Subscriber] = []
         self._dead: list[Subscriber] = []
         self._slow: list[Subscriber] = []
@@ -290,6 +293,8 @@ class Dispatcher:
     def release(self) -> None:
         """The event announced by `hold` was ingested, or will not come."""
         self._holds -= 1
+        if not self._holds and self._parked:
+            self._unpark()
 
     def _should_wait(self) -> bool:
         if not self._holds:
@@ -299,9 +304,28 @@ class Dispatcher:
             self._waiting_since = now
         return now - self._waiting_since < MAX_COALESCE_S
 
+    def _park(self, drain: Callable[..., None], *args: int) -> None:
+        # A drain that waits for held events sleeps until the last hold is
+        # released or the wait reaches MAX_COALESCE_S, whichever comes first;
+        # it never spins the loop meanwhile.
+        self._parked.append((drain, args))
+        if self._park_timer is None:
+            assert self._waiting_since is not None
+            self._park_timer = self.loop.call_at(
+                self._waiting_since + MAX_COALESCE_S, self._unpark
+            )
+
+    def _unpark(self) -> None:
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
+        parked, self._parked = self._parked, []
+        for drain, args in parked:
+            self.loop.call_soon(drain, *args)
+
     def _drain_shard(self, index: int) -> None:
         if self._should_wait():
-            self.loop.call_soon(self._drain_shard, index)
+            self._park(self._drain_shard, index)
             return
         self._waiting_since = None
         self._shard_scheduled[index] = False
@@ -321,7 +345,7 @@ class Dispatcher:
 
     def _drain_multi(self) -> None:
         if self._should_wait():
-            self.loop.call_soon(self._drain_multi)
+            self._park(self._drain_multi)
             return
         self._waiting_since = None
         self._multi_scheduled = False
@@ -833,6 +857,9 @@ class Dispatcher:
         if self._heartbeat_handle is not None:
             self._heartbeat_handle.cancel()
             self._heartbeat_handle = None
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
 
 
 def _gseq_of(m: Message) -> int:

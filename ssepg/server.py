@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import resource
@@ -164,6 +165,9 @@ async def serve(
     """Start a service on *host*:*port* and serve until *stop* is set (or
     SIGTERM/SIGINT arrives), then drain and close."""
     service = await Service.start(config)
+    # Everything made so far (modules, the service) lives as long as the
+    # process: out of the collector's way, full collections stay short.
+    gc.freeze()
     try:
         routes = list(extra_routes(service)) if extra_routes else []
         # The front answers ssepg's own routes; an application is only needed

@@ -67,6 +67,10 @@ async def test_drain_refuses_new_work_and_closes_streams_spread_out(services, pg
     for client in streams:
         await client.wait_events(1)
     await wait_until(lambda: service.broker.queue_usage is not None)
+    # A burst opens the publish connections too (the LISTEN connection
+    # takes one batch at a time).
+    burst = unique_topic()
+    await asyncio.gather(*(publish(a, burst, n) for n in range(40)))
     ours = await ssepg_backends(pg_dsn) - backends_before
     # Listener, monitor and at least one publish connection.
     assert len(ours) >= 3 and service.broker.listener_pid in ours
