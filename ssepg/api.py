@@ -162,6 +162,12 @@ def parse_publish_body(body: bytes, start: int = 0, end: int = -1) -> tuple[byte
         spans = object_spans(body, start, end)
     except JSONError as exc:
         raise ApiError(400, str(exc)) from None
+    return _publish_fields(body, spans)
+
+
+def _publish_fields(
+    body: bytes, spans: dict[str, tuple[int, int]]
+) -> tuple[bytes, str]:
     data = spans.get("data")
     if data is None:
         raise ApiError(400, "missing data")
@@ -190,7 +196,7 @@ def _parse_batch_item(body: bytes, start: int, end: int) -> tuple[str, bytes, st
         topic = normalize_topic(decode_string(body, *topic_span))
     except InvalidTopic:
         raise ApiError(400, "invalid topic") from None
-    data, event = parse_publish_body(body, start, end)
+    data, event = _publish_fields(body, spans)
     return topic, data, event
 
 

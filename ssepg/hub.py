@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import ujson
+
 from ._fast import (
     GZIP_HEADER,
     Channel,
@@ -70,8 +72,32 @@ DROPPED_TOPICS_REMEMBERED = 100_000
 
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 
+_monotonic = time.monotonic
+
 # Kernel send buffer of a subscriber socket, before the kernel doubles it.
 SEND_BUFFER_BYTES = 128 * 1024
+
+
+def encode_data(data: Any) -> bytes:
+    """Compact JSON of *data*, a value to publish.
+
+    :raises ValueError: *data* is None, or holds NaN or infinity.
+    :raises TypeError: *data* holds a value JSON cannot represent.
+    """
+    if data is None:
+        raise ValueError("data must not be None")
+    try:
+        # ujson is several times faster for the usual values; what it
+        # refuses goes to json, which raises the precise error (or copes:
+        # integers beyond 64 bits).
+        raw: str = ujson.dumps(
+            data, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False
+        )
+    except (TypeError, ValueError, OverflowError):
+        raw = json.dumps(
+            data, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    return raw.encode("utf-8")
 
 
 def new_instance_id() -> str:
@@ -179,12 +205,7 @@ class Dispatcher:
         :raises InvalidTopic: bad topic id.
         :raises ValueError: bad event name, or *data* is None.
         """
-        if data is None:
-            raise ValueError("data must not be None")
-        raw = json.dumps(
-            data, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
-        return self.publish_raw(normalize_topic(topic), raw, event)
+        return self.publish_raw(normalize_topic(topic), encode_data(data), event)
 
     def publish_raw(self, topic: str, data: bytes, event: str | None = None) -> str:
         """Like `publish` for a normalised topic and compact JSON bytes."""
@@ -234,9 +255,9 @@ class Dispatcher:
             self.ring_overwrites += 1
         self._index[event_id] = msg
         self.received += 1
-        t.last_activity = time.monotonic()
-        t.last_activity_unix = time.time()
-        if not t.has_subscribers:
+        t.last_activity = _monotonic()
+        ch = t.channel
+        if not (t.python_subs or t.multi_channels or (ch is not None and len(ch))):
             # Passive topic: nothing to send, the window is all it keeps.
             t.fanned = ring.head
             t.broadcast += 1
@@ -798,7 +819,7 @@ class Dispatcher:
             "window_events": len(t.ring),
             "window_capacity": t.ring.capacity,
             "memory_usage_bytes": topic_memory(t),
-            "last_activity_unix": round(t.last_activity_unix, 3),
+            "last_activity_unix": round(stamp - (now - t.last_activity), 3),
             "is_idle": subscribers == 0
             and now - t.last_activity >= self.topic_idle_timeout,
         }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import random
@@ -17,7 +16,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from ._fast import comment
+from ._fast import comment, is_event_name
 from .broker import Broker, MemoryBroker, PostgresBroker, build_envelope
 from .config import Config, format_bytes, redact_dsn
 from .errors import BrokerError, ConfigError, PayloadTooLarge
@@ -29,7 +28,7 @@ from .handlers import (
     NotFoundHandler,
     TopicEventsHandler,
 )
-from .hub import Dispatcher
+from .hub import Dispatcher, encode_data
 from .log import broker_log, http_log, hub_log
 from .metrics import Metrics
 from .topics import normalize_topic
@@ -229,19 +228,10 @@ class Service:
         :raises ValueError: *data* is None or holds NaN or infinity, bad event name.
         :raises TypeError: *data* holds a value JSON cannot represent.
         """
-        if data is None:
-            raise ValueError("data must not be None")
-        raw = json.dumps(
-            data, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-        if event is not None:
-            from ._fast import is_event_name
-
-            if not is_event_name(event):
-                raise ValueError(f"invalid event name {event!r}")
-        return await self.publish_raw(
-            normalize_topic(topic), raw.encode("utf-8"), event or "message"
-        )
+        raw = encode_data(data)
+        if event is not None and not is_event_name(event):
+            raise ValueError(f"invalid event name {event!r}")
+        return await self.publish_raw(normalize_topic(topic), raw, event or "message")
 
     async def publish_raw(self, topic: str, data: bytes, event: str = "message") -> str:
         """Publish compact JSON *data* on a normalised *topic*; see `publish`."""

@@ -47,7 +47,6 @@ class Topic:
         "dropped_clients",
         "ring_overwrites",
         "last_activity",
-        "last_activity_unix",
         "lost_upto",
         "python_delivered",
     )
@@ -66,7 +65,6 @@ class Topic:
         self.dropped_clients = 0
         self.ring_overwrites = 0
         self.last_activity = time.monotonic()
-        self.last_activity_unix = time.time()
         # Highest gseq of an event of this topic this instance may have missed
         # or dropped: a resume from an older position cannot be complete.
         self.lost_upto = lost_upto
