@@ -126,21 +126,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
     parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--tasks", type=int, default=256)
+    parser.add_argument("--tasks", type=int, default=1024)
     parser.add_argument("--topics", type=int, default=100)
     parser.add_argument("--payload", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=120.0)
-    args = parser.parse_args(argv)
-    result = asyncio.run(
-        measure(
-            args.dsn or None,
-            args.messages,
-            args.tasks,
-            args.topics,
-            args.payload,
-            args.timeout,
-        )
+    parser.add_argument(
+        "--loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default="auto",
+        help="event loop of the measuring process: uvloop when installed "
+        "(auto), as python -m ssepg runs, or asyncio's own",
     )
+    args = parser.parse_args(argv)
+    work = measure(
+        args.dsn or None,
+        args.messages,
+        args.tasks,
+        args.topics,
+        args.payload,
+        args.timeout,
+    )
+    uvloop = None
+    if args.loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if args.loop == "uvloop":
+                raise
+    result = uvloop.run(work) if uvloop is not None else asyncio.run(work)
+    result["loop"] = "uvloop" if uvloop is not None else "asyncio"
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

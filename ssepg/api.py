@@ -10,7 +10,6 @@ neither server has logic of its own.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import random
 import re
@@ -453,43 +452,32 @@ def publish_batch(
     if len(items) > MAX_BATCH_ITEMS:
         raise ApiError(413, "too many events", size=len(items), limit=MAX_BATCH_ITEMS)
     results: list[dict[str, Any]] = [{}] * len(items)
-    waiting = [0]
-
-    def failed(index: int, exc: BaseException) -> None:
-        error = _publish_failure(exc)
-        results[index] = {**error.body, "status": error.status_code}
-
-    def settle_one(
-        index: int, topic: str, event_id: str, fut: asyncio.Future[None]
-    ) -> None:
-        exc = fut.exception()
-        if exc is not None:
-            failed(index, exc)
-        else:
-            results[index] = {"topic": topic, "id": event_id}
-        waiting[0] -= 1
-        if not waiting[0]:
-            done(dumps({"results": results}))
-
+    entries: list[tuple[str, bytes, str]] = []
+    positions: list[int] = []
     for index, (start, end) in enumerate(items):
         try:
-            topic, data, event = _parse_batch_item(body, start, end)
-            event_id, confirmed = service.submit_raw(topic, data, event)
+            entries.append(_parse_batch_item(body, start, end))
         except ApiError as exc:
             results[index] = {**exc.body, "status": exc.status_code}
             continue
-        except PublishError as exc:
-            failed(index, exc)
-            continue
-        if confirmed is None:
-            results[index] = {"topic": topic, "id": event_id}
-        else:
-            waiting[0] += 1
-            confirmed.add_done_callback(
-                functools.partial(settle_one, index, topic, event_id)
-            )
-    if not waiting[0]:
+        positions.append(index)
+    try:
+        ids, settled = service.submit_many(entries)
+    except PublishError as exc:
+        raise _publish_failure(exc) from None
+
+    def answer(fut: asyncio.Future[list[BaseException | None]]) -> None:
+        for position, (topic, _, _), event_id, outcome in zip(
+            positions, entries, ids, fut.result(), strict=True
+        ):
+            if outcome is None:
+                results[position] = {"topic": topic, "id": event_id}
+            else:
+                error = _publish_failure(outcome)
+                results[position] = {**error.body, "status": error.status_code}
         done(dumps({"results": results}))
+
+    settled.add_done_callback(answer)
     return len(items)
 
 

@@ -22,7 +22,7 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 
@@ -60,8 +60,59 @@ MAX_BATCH_EVENTS = 2000
 MAX_BATCH_BYTES = 4 << 20
 PUBLISH_CONNECTIONS = 2
 
-# channel, envelope, the publisher's future, its deadline on the loop clock
-_Item = tuple[str, bytes, "asyncio.Future[None]", float]
+
+class _Waiter(Protocol):
+    """What a queued event tells when it settles: an `asyncio.Future`, or
+    a `_Share` of events published together."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: None) -> None: ...
+    def set_exception(self, exception: BaseException) -> None: ...
+
+
+class _Group:
+    """Events published together (one batch request) settle one future, with
+    the outcome of each (None, or its exception), instead of one each."""
+
+    __slots__ = ("future", "outcomes", "remaining")
+
+    def __init__(self, future: asyncio.Future[list[BaseException | None]], size: int):
+        self.future = future
+        self.outcomes: list[BaseException | None] = [None] * size
+        self.remaining = size
+
+    def settle(self, index: int, outcome: BaseException | None) -> None:
+        self.outcomes[index] = outcome
+        self.remaining -= 1
+        if not self.remaining and not self.future.done():
+            self.future.set_result(self.outcomes)
+
+
+class _Share:
+    """One event's part in a `_Group`."""
+
+    __slots__ = ("group", "index", "is_done")
+
+    def __init__(self, group: _Group, index: int) -> None:
+        self.group = group
+        self.index = index
+        self.is_done = False
+
+    def done(self) -> bool:
+        return self.is_done
+
+    def set_result(self, result: None) -> None:
+        self.is_done = True
+        self.group.settle(self.index, None)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self.is_done = True
+        self.group.settle(self.index, exception)
+
+
+# channel, envelope, who waits for it, its deadline on the loop clock, the
+# topic (for the counts once Postgres took it)
+_Item = tuple[str, bytes, _Waiter, float, str]
 
 
 def channel_for(topic: str, shards: int) -> str:
@@ -117,6 +168,20 @@ class Broker:
         :raises BrokerError: the broker is closed.
         """
         raise NotImplementedError
+
+    def submit_many(
+        self, events: list[tuple[str, str, str, bytes, bytes]]
+    ) -> asyncio.Future[list[BaseException | None]] | None:
+        """Send several events ``(topic, id, event, data, envelope)``. Returns
+        None when the broker took them all at once, else a future of each
+        one's outcome (None, or its exception), in order.
+
+        :raises BrokerError: the broker is closed.
+        """
+        for event in events:
+            if self.submit(*event) is not None:
+                raise NotImplementedError("an asynchronous broker needs its own")
+        return None
 
     async def publish(
         self, topic: str, event_id: str, event: str, data: bytes, envelope: bytes
@@ -511,7 +576,7 @@ def _batch_json(batch: list[_Item]) -> bytes:
     # building it is one bytes join here, where a text[] parameter would be
     # escaped item by item. Channel names are ASCII from a fixed pattern and
     # envelopes are valid JSON, so the array needs no escaping.
-    parts = [b'["' + c.encode("ascii") + b'",' + p + b"]" for c, p, _, _ in batch]
+    parts = [b'["' + c.encode("ascii") + b'",' + p + b"]" for c, p, _, _, _ in batch]
     return b"[" + b",".join(parts) + b"]"
 
 
@@ -680,15 +745,31 @@ class _Publisher:
         self.is_connected = False
 
     def submit(
-        self, channel: str, payload: bytes, timeout: float
+        self, channel: str, payload: bytes, timeout: float, topic: str
     ) -> asyncio.Future[None]:
         loop = self._loop
         fut: asyncio.Future[None] = loop.create_future()
-        self._pending.append((channel, payload, fut, loop.time() + timeout))
+        self._pending.append((channel, payload, fut, loop.time() + timeout, topic))
         if self._deadline_timer is None:
             self._deadline_timer = loop.call_later(timeout, self._expire)
         self._kick()
         return fut
+
+    def submit_many(
+        self, entries: list[tuple[str, bytes, str]], timeout: float
+    ) -> asyncio.Future[list[BaseException | None]]:
+        """Queue ``(channel, envelope, topic)`` entries under one future."""
+        loop = self._loop
+        group = _Group(loop.create_future(), len(entries))
+        deadline = loop.time() + timeout
+        self._pending.extend(
+            (channel, payload, _Share(group, index), deadline, topic)
+            for index, (channel, payload, topic) in enumerate(entries)
+        )
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_later(timeout, self._expire)
+        self._kick()
+        return group.future
 
     def _expire(self) -> None:
         # One timer serves every publish (no task or timer each): it fails
@@ -703,7 +784,7 @@ class _Publisher:
         )
         upcoming = []
         for items in [self._pending, *self._in_flight]:
-            for _, _, fut, deadline in items or ():
+            for _, _, fut, deadline, _ in items or ():
                 if fut.done():
                     continue
                 if deadline > now:
@@ -808,18 +889,28 @@ class _Publisher:
                 if attempt + 1 < attempts:
                     await broker.sleep(_backoff(attempt) / 4)
                 continue
-            self.batches += 1
-            for _, _, fut, _ in batch:
-                if not fut.done():
-                    fut.set_result(None)
+            self._confirm(batch)
             return
-        for _, _, fut, _ in batch:
+        for _, _, fut, _, _ in batch:
             if not fut.done():
                 fut.set_exception(BrokerError("Postgres is unreachable"))
 
+    def _confirm(self, batch: list[_Item]) -> None:
+        # Postgres took these: wake their publishers and count them, here in
+        # one pass rather than in a callback per future.
+        self.batches += 1
+        report = self._broker.on_published
+        timeout = self._broker.config.publish_timeout
+        now = self._loop.time()
+        for _, _, fut, deadline, topic in batch:
+            if not fut.done():
+                fut.set_result(None)
+                if report is not None:
+                    report(topic, now - (deadline - timeout))
+
     async def _send_each(self, slot: int, batch: list[_Item]) -> None:
         timeout = self._broker.config.publish_timeout
-        for channel, payload, fut, _ in batch:
+        for channel, payload, fut, _, topic in batch:
             pc = self._conns[slot]
             if fut.done():
                 continue
@@ -834,8 +925,7 @@ class _Publisher:
                 await self._drop(slot)
                 fut.set_exception(BrokerError(f"publish failed: {_describe(exc)}"))
             else:
-                if not fut.done():
-                    fut.set_result(None)
+                self._confirm([(channel, payload, fut, 0.0, topic)])
 
     def drop_connections(self) -> None:
         """Shut every publish connection down: a statement in flight fails at
@@ -847,7 +937,7 @@ class _Publisher:
         self.is_connected = False
 
     async def close(self) -> None:
-        for _, _, fut, _ in self._pending:
+        for _, _, fut, _, _ in self._pending:
             if not fut.done():
                 fut.set_exception(BrokerError("broker is closing"))
         self._pending.clear()
@@ -877,6 +967,7 @@ class PostgresBroker(Broker):
         config: Any,
         dispatcher: Dispatcher,
         on_listener_change: Callable[[bool], None] | None = None,
+        on_published: Callable[[str, float], None] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -893,6 +984,9 @@ class PostgresBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: asyncio.Event | None = None
         self._on_change = on_listener_change
+        # Told of every event Postgres took, with its topic and how long it
+        # waited: the service counts and times publishes with it.
+        self.on_published = on_published
         self._queue_warned = False
 
     @property
@@ -948,7 +1042,23 @@ class PostgresBroker(Broker):
         if self.is_closing or self._publisher is None:
             raise BrokerError("broker is closing")
         channel = channel_for(topic, self.config.notify_shards)
-        return self._publisher.submit(channel, envelope, self.config.publish_timeout)
+        return self._publisher.submit(
+            channel, envelope, self.config.publish_timeout, topic
+        )
+
+    def submit_many(
+        self, events: list[tuple[str, str, str, bytes, bytes]]
+    ) -> asyncio.Future[list[BaseException | None]]:
+        if self.is_closing or self._publisher is None:
+            raise BrokerError("broker is closing")
+        shards = self.config.notify_shards
+        return self._publisher.submit_many(
+            [
+                (channel_for(topic, shards), envelope, topic)
+                for topic, _, _, _, envelope in events
+            ],
+            self.config.publish_timeout,
+        )
 
     async def _poll_queue(self) -> None:
         interval = self.config.queue_poll_interval

@@ -86,7 +86,10 @@ class Service:
         config = self.config
         if config.dsn:
             self.broker = PostgresBroker(
-                config, self.dispatcher, self.metrics.listener_changed
+                config,
+                self.dispatcher,
+                self.metrics.listener_changed,
+                self._record_publish,
             )
         await self.broker.start()
         if config.health_port is not None:
@@ -231,7 +234,12 @@ class Service:
         raw = encode_data(data)
         if event is not None and not is_event_name(event):
             raise ValueError(f"invalid event name {event!r}")
-        return await self.publish_raw(normalize_topic(topic), raw, event or "message")
+        event_id, confirmed = self.submit_raw(
+            normalize_topic(topic), raw, event or "message"
+        )
+        if confirmed is not None:
+            await confirmed
+        return event_id
 
     async def publish_raw(self, topic: str, data: bytes, event: str = "message") -> str:
         """Publish compact JSON *data* on a normalised *topic*; see `publish`."""
@@ -258,21 +266,65 @@ class Service:
         limit = self.config.max_notify_bytes
         if len(envelope) > limit:
             raise PayloadTooLarge("event too large", len(envelope), limit)
-        started = time.perf_counter()
         confirmed = self.broker.submit(topic, event_id, event, data, envelope)
         if confirmed is None:
-            self._count_published(topic, started)
-        else:
-
-            def count(fut: asyncio.Future[None]) -> None:
-                if not fut.cancelled() and fut.exception() is None:
-                    self._count_published(topic, started)
-
-            confirmed.add_done_callback(count)
+            # Taken at once (the in-process broker); an asynchronous broker
+            # reports through _record_publish when Postgres took it.
+            self._record_publish(topic, 0.0)
         return event_id, confirmed
 
-    def _count_published(self, topic: str, started: float) -> None:
-        self.metrics.observe_publish(time.perf_counter() - started)
+    def submit_many(
+        self, entries: list[tuple[str, bytes, str]]
+    ) -> tuple[list[str | None], asyncio.Future[list[BaseException | None]]]:
+        """Start publishing ``(topic, compact data, event)`` entries together
+        (a batch request): one future for all of them instead of one each.
+
+        Returns each entry's event id (None when refused at once) and a
+        future of each entry's outcome, in order: None once the broker took
+        it, else its exception (`PayloadTooLarge`, `BrokerError`, ...).
+
+        :raises BrokerError: the service is closing.
+        """
+        if self.is_draining or self.is_closed:
+            raise BrokerError("service is shutting down")
+        limit = self.config.max_notify_bytes
+        ids: list[str | None] = []
+        outcomes: list[BaseException | None] = []
+        sendable: list[tuple[str, str, str, bytes, bytes]] = []
+        positions: list[int] = []
+        for index, (topic, data, event) in enumerate(entries):
+            event_id = self.dispatcher.next_id()
+            envelope = build_envelope(topic, event_id, event, data)
+            if len(envelope) > limit:
+                ids.append(None)
+                outcomes.append(
+                    PayloadTooLarge("event too large", len(envelope), limit)
+                )
+                continue
+            ids.append(event_id)
+            outcomes.append(None)
+            sendable.append((topic, event_id, event, data, envelope))
+            positions.append(index)
+        settled: asyncio.Future[list[BaseException | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        confirmed = self.broker.submit_many(sendable) if sendable else None
+        if confirmed is None:
+            for topic, *_ in sendable:
+                self._record_publish(topic, 0.0)
+            settled.set_result(outcomes)
+            return ids, settled
+
+        def taken(fut: asyncio.Future[list[BaseException | None]]) -> None:
+            for position, outcome in zip(positions, fut.result(), strict=True):
+                outcomes[position] = outcome
+            settled.set_result(outcomes)
+
+        confirmed.add_done_callback(taken)
+        return ids, settled
+
+    def _record_publish(self, topic: str, seconds: float) -> None:
+        self.metrics.observe_publish(seconds)
         self.dispatcher.count_published(topic)
 
     # Health ------------------------------------------------------------------
