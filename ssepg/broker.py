@@ -59,6 +59,11 @@ BACKOFF_MAX_S = 10.0
 MAX_BATCH_EVENTS = 2000
 MAX_BATCH_BYTES = 4 << 20
 PUBLISH_CONNECTIONS = 2
+# A further publish connection joins only when this many events wait: with
+# few publishes in flight, one connection carries all that came during its
+# last round trip in one statement, where two would alternate small ones
+# (each statement costs a round trip of system calls on both sides).
+EXTRA_CONNECTION_BACKLOG = 256
 
 
 class _Waiter(Protocol):
@@ -802,6 +807,8 @@ class _Publisher:
                 return
             if self._busy[slot]:
                 continue
+            if slot and len(self._pending) < EXTRA_CONNECTION_BACKLOG:
+                return
             self._busy[slot] = True
             task = asyncio.ensure_future(self._run(slot))
             self._tasks.add(task)
@@ -812,13 +819,17 @@ class _Publisher:
         size = 0
         pending = self._pending
         taken = 0
+        # Connections at work share the backlog: each statement takes its
+        # part, so that they overlap instead of one taking everything.
+        engaged = max(1, sum(self._busy))
+        limit = min(MAX_BATCH_EVENTS, -(-len(pending) // engaged))
         for item in pending:
             taken += 1
             if item[2].done():
                 continue
             batch.append(item)
             size += len(item[1])
-            if len(batch) >= MAX_BATCH_EVENTS or size >= MAX_BATCH_BYTES:
+            if len(batch) >= limit or size >= MAX_BATCH_BYTES:
                 break
         del pending[:taken]
         return batch

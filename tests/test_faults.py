@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import socket
 import struct
 import time
@@ -480,21 +479,20 @@ async def test_client_caused_publish_errors_keep_the_publish_connections(
     topic = unique_topic()
     url = running.url(f"/topics/{topic}/events")
     reader = await subscribe(running, topic)
-    # Publishes arriving while another is in flight open the second publish
-    # connection (those arriving together share one batch).
+    # A backlog of publishes while one statement is in flight opens the
+    # second publish connection.
     warm = 0
 
     async def publisher() -> None:
         nonlocal warm
-        for _ in range(10):
-            await asyncio.sleep(random.random() * 0.002)
-            await service.publish(topic, {"warm": warm})
-            warm += 1
+        await service.publish(topic, {"warm": warm})
+        warm += 1
 
     deadline = time.monotonic() + 20
+    burst = 2 * broker_module.EXTRA_CONNECTION_BACKLOG
     while len(publish_connection_pids(service)) < broker_module.PUBLISH_CONNECTIONS:
         assert time.monotonic() < deadline, "the second publish connection never opened"
-        await asyncio.gather(*(publisher() for _ in range(4)))
+        await asyncio.gather(*(publisher() for _ in range(burst)))
     pids = publish_connection_pids(service)
     assert len(pids) == broker_module.PUBLISH_CONNECTIONS
 
