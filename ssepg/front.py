@@ -253,6 +253,8 @@ class _Connection(asyncio.Protocol):
         self.remote_ip = ""
         self._close_callback: Any = None
         self._holding = False
+        # A parse error met while an answer was pending: answered after it.
+        self._failure: tuple[_Request, ApiError] | None = None
 
     # asyncio.Protocol ---------------------------------------------------------
 
@@ -295,11 +297,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserInvalidMethodError:
             # Not a method HTTP defines: no route can say what it allows.
             self._fail(400, "unknown method")
-            return
         except httptools.HttpParserError:
             self._fail(400, "bad request")
-            return
-        self._next()
+        else:
+            self._next()
 
     # httptools callbacks --------------------------------------------------------
 
@@ -396,6 +397,10 @@ class _Connection(asyncio.Protocol):
     def _next(self) -> None:
         while self.queue and not self.busy and not self.closing:
             self._dispatch(self.queue.popleft())
+        if self._failure is not None and not self.busy and not self.closing:
+            failed, error = self._failure
+            self._failure = None
+            self._answer_error(failed, error)
 
     def _dispatch(self, req: _Request) -> None:
         route = req.route
@@ -528,15 +533,16 @@ class _Connection(asyncio.Protocol):
             )
 
     def _fail(self, status: int, message: str) -> None:
-        # The request stream cannot be parsed: answer once, then close.
+        # The request stream cannot be parsed: the requests read before the
+        # broken one are answered first, then the error, then the connection
+        # closes.
         req = self.current or _Request()
         req.keep_alive = False
-        self.queue.clear()
-        if not self.busy:
-            self._answer_error(req, ApiError(status, message))
-        self.closing = True
-        if self.transport is not None and not self.busy:
-            self.transport.close()
+        self.current = None
+        self._failure = (req, ApiError(status, message))
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._next()
 
     # Streams ----------------------------------------------------------------
 

@@ -1,0 +1,211 @@
+"""The HTTP/1.1 front of standalone servers: what it does beyond the routes'
+contract (tested against both HTTP layers elsewhere): pipelining, handing a
+connection over to a stream, 100-continue, HTTP/1.0, requests for a Tornado
+application of one's own, and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+import tornado.web
+
+from ssepg import front as front_module
+
+from support import DEADLINE_S, http, unique_topic, wait_until
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def read_answer(
+    reader: asyncio.StreamReader,
+) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    body = await asyncio.wait_for(reader.readexactly(length), DEADLINE_S)
+    return int(status_line.split()[1]), headers, body
+
+
+def post(topic: str, body: bytes, *extra: str, version: str = "HTTP/1.1") -> bytes:
+    head = [
+        f"POST /topics/{topic}/events {version}",
+        "Host: x",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *extra,
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_pipelined_publishes_are_answered_in_order(services, pg_dsn):
+    running = await services.start(dsn=pg_dsn)
+    topic = unique_topic()
+    reader, writer = await connect(running.port)
+    writer.write(b"".join(post(topic, b'{"data":%d}' % n) for n in range(20)))
+    answers = [await read_answer(reader) for _ in range(20)]
+    assert [json.loads(body)["data"] for _, _, body in answers] == list(range(20))
+    assert all(status == 200 for status, _, _ in answers)
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_garbage_after_a_pending_publish_is_answered_after_it(services, pg_dsn):
+    # The publish waits for Postgres while the garbage behind it is parsed:
+    # its answer still comes first, then the 400, then the connection closes.
+    running = await services.start(dsn=pg_dsn)
+    topic = unique_topic()
+    reader, writer = await connect(running.port)
+    writer.write(post(topic, b'{"data":"first"}') + b"NOT HTTP AT ALL\r\n\r\n")
+    status, _, body = await read_answer(reader)
+    assert status == 200 and json.loads(body)["data"] == "first"
+    status, headers, body = await read_answer(reader)
+    assert status == 400 and headers.get("connection") == "close"
+    assert json.loads(body) == {"error": "unknown method"}
+    assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_stream_after_a_pipelined_publish_starts_after_its_answer(services):
+    running = await services.start()
+    topic = unique_topic()
+    reader, writer = await connect(running.port)
+    writer.write(
+        post(topic, b'{"data":1}')
+        + f"GET /topics/{topic}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    status, _, body = await read_answer(reader)
+    assert status == 200 and json.loads(body)["topic"] == topic
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"text/event-stream" in head
+    await wait_until(lambda: running.service.dispatcher.stream_count == 1)
+    await running.service.publish(topic, "live")
+    data = b""
+    while b'data: "live"' not in data:
+        data += await asyncio.wait_for(reader.read(4096), DEADLINE_S)
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_expect_100_continue_gets_continue_then_the_answer(services):
+    running = await services.start()
+    topic = unique_topic()
+    reader, writer = await connect(running.port)
+    body = b'{"data":"' + b"x" * 5000 + b'"}'
+    head = post(topic, b"", "Expect: 100-continue").replace(
+        b"Content-Length: 0", b"Content-Length: %d" % len(body)
+    )
+    writer.write(head)
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body)
+    status, _, answer = await read_answer(reader)
+    assert status == 200 and len(json.loads(answer)["data"]) == 5000
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_http_1_0_closes_unless_keep_alive_is_asked(services):
+    running = await services.start()
+    topic = unique_topic()
+    reader, writer = await connect(running.port)
+    writer.write(post(topic, b'{"data":1}', version="HTTP/1.0"))
+    status, headers, _ = await read_answer(reader)
+    assert status == 200 and headers.get("connection") == "close"
+    assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""
+    writer.close()
+    reader, writer = await connect(running.port)
+    writer.write(
+        post(topic, b'{"data":2}', "Connection: keep-alive", version="HTTP/1.0")
+    )
+    status, headers, _ = await read_answer(reader)
+    assert status == 200 and "connection" not in headers
+    writer.write(
+        post(topic, b'{"data":3}', "Connection: keep-alive", version="HTTP/1.0")
+    )
+    status, _, body = await read_answer(reader)
+    assert status == 200 and json.loads(body)["data"] == 3
+    writer.close()
+
+
+class Hello(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write({"hello": self.get_query_argument("name", "world")})
+
+    def post(self) -> None:
+        self.set_status(201)
+        self.write(self.request.body)
+
+
+class Streaming(tornado.web.RequestHandler):
+    async def get(self) -> None:
+        for n in range(3):
+            self.write(f"part {n}\n")
+            await self.flush()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_other_requests_reach_a_tornado_application(services):
+    running = await services.start()
+    service = running.service
+    app = tornado.web.Application([("/hello", Hello), ("/stream", Streaming)])
+    front = service.listen(0, "127.0.0.1", app=app)
+    base = f"http://127.0.0.1:{front.port}"
+    response = await http("GET", base + "/hello?name=ssepg")
+    assert response.code == 200 and json.loads(response.body) == {"hello": "ssepg"}
+    response = await http("POST", base + "/hello", b"raw body")
+    assert response.code == 201 and response.body == b"raw body"
+    response = await http("GET", base + "/stream")
+    assert response.code == 200 and response.body == b"part 0\npart 1\npart 2\n"
+    assert response.headers.get("Transfer-Encoding") == "chunked"
+    response = await http("GET", base + "/nothing-here")
+    assert response.code == 404
+    # ssepg's own routes are still answered by the front.
+    topic = unique_topic()
+    response = await http("POST", base + f"/topics/{topic}/events", {"data": 1})
+    assert response.code == 200 and json.loads(response.body)["topic"] == topic
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_request_left_unfinished_times_out(services, monkeypatch):
+    monkeypatch.setattr(front_module, "REQUEST_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(front_module, "SWEEP_INTERVAL_S", 0.1)
+    running = await services.start()
+    reader, writer = await connect(running.port)
+    writer.write(
+        b"POST /topics/t/events HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{"
+    )
+    status, headers, body = await read_answer(reader)
+    assert status == 408 and json.loads(body) == {"error": "request timeout"}
+    assert headers.get("connection") == "close"
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_stopped_front_closes_idle_connections_and_refuses_new_ones(services):
+    running = await services.start()
+    service = running.service
+    port = running.port
+    reader, writer = await connect(port)
+    writer.write(post(unique_topic(), b'{"data":1}'))
+    assert (await read_answer(reader))[0] == 200
+    fronts = [s for s in service._servers if isinstance(s, front_module.Front)]
+    await fronts[0].stop()
+    assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""
+    with pytest.raises(OSError):
+        probe = socket.create_connection(("127.0.0.1", port), timeout=2)
+        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        if not probe.recv(1):
+            raise ConnectionResetError("closed without an answer")
+    writer.close()
