@@ -707,9 +707,21 @@ class _PublishConnection:
 
     def _fail(self, exc: BaseException) -> None:
         self.is_broken = True
+        # A failed socket stays readable (at its end) for good: stop watching
+        # it now, or the callback would run without end until the connection
+        # is replaced, which waits for the next publish.
+        self._unwatch()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+
+    def _unwatch(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            if self._writing:
+                self._writing = False
+                self._loop.remove_writer(self._fd)
+            self._fd = -1
 
     def _time_out(self, timeout: float) -> None:
         # The path may be dead without a word from TCP: give the
@@ -723,9 +735,7 @@ class _PublishConnection:
         _kill_socket(self.conn)
 
     async def close(self) -> None:
-        self._loop.remove_reader(self._fd)
-        if self._writing:
-            self._loop.remove_writer(self._fd)
+        self._unwatch()
         self.is_broken = True
         await _close_quietly(self.conn)
 

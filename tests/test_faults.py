@@ -762,3 +762,43 @@ async def test_frozen_reader_is_bounded_and_dropped(services, pg_dsn, caplog):
     frozen.close()
     reader.close()
     await loop.run_in_executor(None, lambda: None)
+
+
+@pytest.mark.allow_warnings
+@pytest.mark.gen_test(timeout=60)
+async def test_idle_publish_connection_killed_stops_watching_its_socket(
+    services, pg_dsn
+):
+    # A publish connection whose backend is terminated while idle stays
+    # readable at its end; it must stop watching its socket at once instead
+    # of running its callback until the next publish replaces it.
+    running = await services.start(dsn=pg_dsn)
+    service = running.service
+    topic = unique_topic()
+    await service.publish(topic, "opens a publish connection")
+    publisher = service.broker._publisher
+    pc = publisher._conns[0]
+    assert pc is not None and pc.is_usable
+    calls = 0
+    watched = pc._on_readable
+
+    def counting() -> None:
+        nonlocal calls
+        calls += 1
+        watched()
+
+    # The loop holds the bound method it was given: re-register the counter.
+    loop = asyncio.get_running_loop()
+    loop.remove_reader(pc._fd)
+    loop.add_reader(pc._fd, counting)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pc.conn.pgconn.backend_pid,))
+    await wait_until(lambda: pc.is_broken, message="the connection noticed")
+    seen = calls
+    reader = await subscribe(running, topic)
+    for n in range(20):
+        await service.publish(topic, n)
+    await reader.wait_events(20)
+    assert calls == seen
+    assert publisher._conns[0] is not pc
+    reader.close()
