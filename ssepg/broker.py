@@ -831,16 +831,27 @@ class _Publisher:
         taken = 0
         # Connections at work share the backlog: each statement takes its
         # part, so that they overlap instead of one taking everything.
+        # A batch request stays whole, though: split over two connections,
+        # its second part could commit before its first, and its events
+        # would reach subscribers out of the order they were given in.
         engaged = max(1, sum(self._busy))
         limit = min(MAX_BATCH_EVENTS, -(-len(pending) // engaged))
+        full = False
+        group = None
         for item in pending:
+            waiter = item[2]
+            if full and (type(waiter) is not _Share or waiter.group is not group):
+                break
             taken += 1
-            if item[2].done():
+            if waiter.done():
                 continue
             batch.append(item)
             size += len(item[1])
-            if len(batch) >= limit or size >= MAX_BATCH_BYTES:
-                break
+            if not full and (len(batch) >= limit or size >= MAX_BATCH_BYTES):
+                full = True
+                group = waiter.group if type(waiter) is _Share else None
+                if group is None:
+                    break
         del pending[:taken]
         return batch
 

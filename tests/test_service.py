@@ -159,6 +159,26 @@ async def test_burst_arrives_complete_and_in_one_order_on_both_instances(
         client.close()
 
 
+@pytest.mark.gen_test(timeout=300)
+async def test_large_batches_keep_their_order_through_postgres(services, pg_dsn):
+    # A batch this large brings a second publish connection in; the batch
+    # must still reach subscribers in the order of its items.
+    running = await services.start(dsn=pg_dsn)
+    topic = unique_topic()
+    client = await subscribe(running, topic)
+    expected = []
+    for round_ in range(5):
+        events = [{"topic": topic, "data": round_ * 1000 + n} for n in range(1000)]
+        response = await http("POST", running.url("/topics"), {"events": events})
+        assert response.code == 200, response.body
+        results = json.loads(response.body)["results"]
+        assert all("id" in r for r in results)
+        expected += [e["data"] for e in events]
+    got = await client.wait_events(len(expected), timeout=120)
+    assert [e.json for e in got] == expected
+    client.close()
+
+
 # One instance on the embedded broker -------------------------------------------
 
 
