@@ -40,15 +40,23 @@ __all__ = ["Front"]
 
 # Header blocks past this are not read at all: the connection is closed.
 HARD_HEADER_BYTES = 64 * 1024
+# The most one read hands over (asyncio and uvloop read 256 KiB at a time):
+# a head is cut off at most this far past the hard limit.
+MAX_READ_BYTES = 256 * 1024
 # Bodies of requests handed to a Tornado application are buffered up to this.
 MAX_FALLBACK_BODY_BYTES = 16 << 20
 # A request must be complete (headers and body) this long after it began.
 REQUEST_TIMEOUT_S = 60.0
+# After a last answer, what the client still sends is read and dropped this
+# long, so that the answer is not lost to a reset.
+LINGER_S = 2.0
 # Keep-alive connections idle this long are closed.
 IDLE_TIMEOUT_S = 600.0
 SWEEP_INTERVAL_S = 10.0
 
 _TOPIC, _BATCH, _HEALTH, _METRICS, _OTHER = range(5)
+# Requests refused before routing.
+_BAD_URL, _URI_TOO_LONG, _BAD_VERSION, _UPGRADE = -1, -2, -3, -4
 _ALLOW = {
     _TOPIC: api.ALLOW_TOPIC,
     _BATCH: api.ALLOW_BATCH,
@@ -69,6 +77,7 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -92,6 +101,7 @@ class _Request:
         "route",
         "arg",
         "started",
+        "head_done",
     )
 
     def __init__(self) -> None:
@@ -110,6 +120,7 @@ class _Request:
         self.route = _OTHER
         self.arg = ""
         self.started = time.monotonic()
+        self.head_done = False
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -253,6 +264,13 @@ class _Connection(asyncio.Protocol):
         self.remote_ip = ""
         self._close_callback: Any = None
         self._holding = False
+        # Bytes of a request head that has not ended yet, as far as counted.
+        self._head_bytes = 0
+        self._linger: asyncio.TimerHandle | None = None
+        # Inside `_next`: answers given there must not call it again.
+        self._in_next = False
+        # The client asked to switch protocols: what follows is not HTTP/1.1.
+        self._upgraded = False
         # A parse error met while an answer was pending: answered after it.
         self._failure: tuple[_Request, ApiError] | None = None
 
@@ -272,6 +290,9 @@ class _Connection(asyncio.Protocol):
         self.closing = True
         self.front._connections.discard(self)
         self._release_hold()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         callback, self._close_callback = self._close_callback, None
         if callback is not None:
             callback()
@@ -287,20 +308,51 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        if self._upgraded or self.closing:
+            return
+        # Whether this chunk begins inside a request head that is not over.
+        inside_head = self.current is not None and not self.current.head_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # Upgrades (WebSocket, h2c) are not offered: the request is
-            # answered as a plain one and the connection closes after it.
-            if self.queue:
-                self.queue[-1].keep_alive = False
+            # Upgrades (WebSocket, h2c, CONNECT) are not offered: a complete
+            # request is answered as a plain one, the connection closes after
+            # it, and whatever the client sends in the new protocol is
+            # ignored.
+            self._upgraded = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            if self.current is not None or not self.queue:
+                self._fail(400, "protocol upgrades are not supported")
+                return
+            last = self.queue[-1]
+            last.keep_alive = False
+            if last.expected > 0 and not last.body_size:
+                # The parser took the body for the new protocol's first
+                # bytes: the request cannot be served as it was meant.
+                last.route = _UPGRADE
         except httptools.HttpParserInvalidMethodError:
             # Not a method HTTP defines: no route can say what it allows.
             self._fail(400, "unknown method")
+            return
         except httptools.HttpParserError:
             self._fail(400, "bad request")
-        else:
-            self._next()
+            return
+        req = self.current
+        if req is not None and not req.head_done and not self.closing:
+            # The parser keeps a header line until it ends, so its size is
+            # only seen here: a chunk that began and ended inside one head
+            # was all head. Past the hard limit the client is answered and
+            # dropped instead of buffered further.
+            self._head_bytes = self._head_bytes + len(data) if inside_head else 0
+            if self._head_bytes + len(req.url) > HARD_HEADER_BYTES + MAX_READ_BYTES:
+                if self.parser.get_http_version() == "0.0":
+                    # Still in the request line.
+                    self._fail(414, "uri too long")
+                else:
+                    self._fail(431, "request headers too large")
+                return
+        self._next()
 
     # httptools callbacks --------------------------------------------------------
 
@@ -309,10 +361,16 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.current = _Request()
+        self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        if self.current is not None and not self.closing:
-            self.current.url += url
+        req = self.current
+        if req is not None and not self.closing:
+            if len(req.url) + len(url) > HARD_HEADER_BYTES:
+                # Kept no further; answered 414 once the head is read.
+                req.route = _URI_TOO_LONG
+                return
+            req.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.current
@@ -330,14 +388,23 @@ class _Connection(asyncio.Protocol):
         req = self.current
         if req is None or self.closing:
             return
+        req.head_done = True
         parser = self.parser
         req.method = parser.get_method().decode("ascii", "replace")
-        req.version = "HTTP/" + parser.get_http_version()
+        version = parser.get_http_version()
+        req.version = "HTTP/" + version
         req.keep_alive = parser.should_keep_alive()
+        if version not in ("1.1", "1.0"):
+            req.route = _BAD_VERSION
+            req.keep_alive = False
+            return
+        if req.route == _URI_TOO_LONG or len(req.url) > api.MAX_URI_BYTES:
+            req.route = _URI_TOO_LONG
+            return
         try:
             url = httptools.parse_url(req.url)
         except httptools.HttpParserInvalidURLError:
-            req.route = -1
+            req.route = _BAD_URL
             return
         req.path = url.path.decode("latin-1")
         req.query = (url.query or b"").decode("latin-1")
@@ -395,25 +462,42 @@ class _Connection(asyncio.Protocol):
         )
 
     def _next(self) -> None:
-        while self.queue and not self.busy and not self.closing:
-            self._dispatch(self.queue.popleft())
-        if self._failure is not None and not self.busy and not self.closing:
-            failed, error = self._failure
-            self._failure = None
-            self._answer_error(failed, error)
+        # Requests answered at once (an embedded publish, an error) come back
+        # through `_finish`; the loop here takes their successors, so that a
+        # long pipeline is served without recursion.
+        if self._in_next:
+            return
+        self._in_next = True
+        try:
+            while self.queue and not self.busy and not self.closing:
+                self._dispatch(self.queue.popleft())
+            if self._failure is not None and not self.busy and not self.closing:
+                failed, error = self._failure
+                self._failure = None
+                self._answer_error(failed, error)
+        finally:
+            self._in_next = False
 
     def _dispatch(self, req: _Request) -> None:
         route = req.route
         method = req.method
         try:
+            if route == _URI_TOO_LONG:
+                raise ApiError(
+                    414, "uri too long", size=len(req.url), limit=api.MAX_URI_BYTES
+                )
+            if route == _BAD_VERSION:
+                raise ApiError(505, "http version not supported")
+            if route == _UPGRADE:
+                raise ApiError(400, "protocol upgrades are not supported")
             if route < 0:
                 raise ApiError(400, "bad request")
             if req.too_large:
                 raise self._too_large(req)
+            api.check_request_size(req.url.decode("latin-1"), req.header_bytes)
             if route == _OTHER:
                 self._fallback(req)
                 return
-            api.check_request_size(req.url.decode("latin-1"), req.header_bytes)
             if method == "OPTIONS":
                 self._answer(
                     req,
@@ -517,8 +601,7 @@ class _Connection(asyncio.Protocol):
         transport.write(head if req.method == "HEAD" or status == 204 else head + body)
         self._log(req, status)
         if not keep_alive:
-            self.closing = True
-            transport.close()
+            self._close_after_answer()
 
     def _log(self, req: _Request, status: int) -> None:
         if access_log.isEnabledFor(logging.INFO):
@@ -557,17 +640,24 @@ class _Connection(asyncio.Protocol):
             self._answer(req, 200, body, headers, content_type=content_type)
             return
         self.busy = True
-        self._hand_over(req, topics, 0)
+        self._hand_over(req, topics, 0.0)
 
-    def _hand_over(self, req: _Request, topics: tuple[str, ...], attempt: int) -> None:
+    def _hand_over(self, req: _Request, topics: tuple[str, ...], waited: float) -> None:
         transport = self.transport
         if transport is None or self.closing:
             return
-        if transport.get_write_buffer_size() and attempt < 500:
-            # An earlier pipelined answer has not left yet; the stream must
-            # not overtake it.
+        if transport.get_write_buffer_size():
+            # An earlier pipelined answer has not left yet: the stream must
+            # neither overtake it nor cut it off. A client that reads none of
+            # it within the request timeout gets it all the same, then the
+            # connection closes without a stream.
+            if waited >= REQUEST_TIMEOUT_S:
+                self.closing = True
+                transport.close()
+                return
+            delay = min(0.25, 0.01 + waited / 4)
             asyncio.get_running_loop().call_later(
-                0.01, self._hand_over, req, topics, attempt + 1
+                delay, self._hand_over, req, topics, waited + delay
             )
             return
         config = self.service.config
@@ -639,13 +729,33 @@ class _Connection(asyncio.Protocol):
         self._close_callback = None
         self.busy = False
         if not keep_alive or self.front.is_stopped:
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
+            self._close_after_answer()
             return
         self._next()
 
     # Lifetime -------------------------------------------------------------------
+
+    def _close_after_answer(self) -> None:
+        # Closing a socket with unread input sends a reset, and a reset makes
+        # the client's kernel throw away the answer it has not read yet (a
+        # 413 or 431 to a client still sending, say). So the answer is
+        # followed by a FIN, what the client still sends is read and dropped,
+        # and the connection goes when the client closes it or `LINGER_S`
+        # later.
+        self.closing = True
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError):
+            transport.abort()
+            return
+        transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_S, self.abort)
 
     def close_when_idle(self) -> None:
         if not self.busy and not self.queue and self.transport is not None:

@@ -31,6 +31,7 @@ from ._fast import (
     Channel,
     Message,
     Subscriber,
+    check_json,
     comment,
     fnv1a_32,
     is_event_name,
@@ -81,7 +82,8 @@ SEND_BUFFER_BYTES = 128 * 1024
 def encode_data(data: Any) -> bytes:
     """Compact JSON of *data*, a value to publish.
 
-    :raises ValueError: *data* is None, or holds NaN or infinity.
+    :raises ValueError: *data* is None, holds NaN or infinity, or nests
+        containers deeper than every instance accepts (511 levels).
     :raises TypeError: *data* holds a value JSON cannot represent.
     """
     if data is None:
@@ -94,10 +96,27 @@ def encode_data(data: Any) -> bytes:
             data, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False
         )
     except (TypeError, ValueError, OverflowError):
-        raw = json.dumps(
-            data, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-    return raw.encode("utf-8")
+        try:
+            raw = json.dumps(
+                data, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            )
+        except RecursionError:
+            raise ValueError("data nested too deeply") from None
+    encoded = raw.encode("utf-8")
+    if len(encoded) >= _DEEPEST_SHORT_JSON:
+        # Receivers refuse envelopes that nest too deep; such data must not
+        # get that far. The brackets stand for the envelope around it.
+        # Shorter text cannot nest that deep, so most events skip the scan.
+        try:
+            check_json(b"[" + encoded + b"]")
+        except ValueError:
+            raise ValueError("data nested too deeply") from None
+    return encoded
+
+
+# The shortest JSON text nesting containers 511 deep: inside an envelope,
+# that is the receivers' limit of 512.
+_DEEPEST_SHORT_JSON = 2 * 511
 
 
 def new_instance_id() -> str:

@@ -126,7 +126,13 @@ class Subscription:
         return item
 
     def close(self) -> None:
-        """Stop receiving; iteration ends once queued events are read."""
+        """Stop receiving; iteration ends once the events published before
+        are read (in-process ones included, though their fan-out was still
+        due)."""
+        if not self.is_closed:
+            t = self._topic
+            if t.fanned < t.ring.head:
+                self._dispatcher.flush()
         self._dispatcher._unsubscribe(self)
 
     unsubscribe = close

@@ -18,9 +18,9 @@ def normalize_topic(name: str) -> str:
     """ASCII-lower-case *name* and check it; never Unicode folding.
 
     :raises InvalidTopic: not ``[a-z0-9_.:-]{1,128}`` once lower-cased, or a
-        dot segment (``.``, ``..``).
+        dot segment (``.``, ``..``), or not a string at all.
     """
-    if not name.isascii():
+    if not isinstance(name, str) or not name.isascii():
         raise InvalidTopic(f"invalid topic {name!r}")
     lowered = name.lower()
     if not is_topic(lowered):

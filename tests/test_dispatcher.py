@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from ssepg import Dispatcher, Event, InvalidTopic, SlowConsumer, Subscription
+from ssepg._fast import parse_envelope
+from ssepg.broker import build_envelope
 
 from support import DEADLINE_S, unique_topic
 
@@ -295,3 +297,44 @@ def test_constructor_checks_its_arguments():
         Dispatcher(ring_capacity=100)
     with pytest.raises(ValueError, match="fanout_shards"):
         Dispatcher(fanout_shards=0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_closing_right_after_a_publish_still_yields_that_event(dispatcher):
+    topic = unique_topic()
+    sub = dispatcher.subscribe(topic)
+    dispatcher.publish(topic, "first")
+    dispatcher.publish(topic, "second")
+    sub.close()
+    assert [e.data for e in await drain(sub)] == ["first", "second"]
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("topic", [None, 7, b"bytes"])
+async def test_a_topic_that_is_not_a_string_is_an_invalid_topic(dispatcher, topic):
+    with pytest.raises(InvalidTopic):
+        dispatcher.publish(topic, 1)
+    with pytest.raises(InvalidTopic):
+        dispatcher.subscribe(topic)
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("depth", [512, 2000, 100_000])
+async def test_data_nested_deeper_than_receivers_accept_is_refused(dispatcher, depth):
+    data: object = 1
+    for _ in range(depth):
+        data = [data]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        dispatcher.publish(unique_topic(), data)
+    # 511 levels are within the limit: an envelope around them has 512.
+    data = 1
+    for _ in range(511):
+        data = [data]
+    topic = unique_topic()
+    sub = dispatcher.subscribe(topic)
+    dispatcher.publish(topic, data)
+    (event,) = await take(sub, 1)
+    assert event.raw == "[" * 511 + "1" + "]" * 511
+    envelope = build_envelope(topic, event.id, "message", event.raw.encode())
+    assert parse_envelope(envelope)[3] == event.raw.encode()
+    sub.close()

@@ -9,6 +9,7 @@ import asyncio
 import json
 import socket
 
+import psutil
 import pytest
 import tornado.web
 
@@ -208,4 +209,161 @@ async def test_stopped_front_closes_idle_connections_and_refuses_new_ones(servic
         probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         if not probe.recv(1):
             raise ConnectionResetError("closed without an answer")
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_long_pipeline_answered_at_once_is_served_in_order(services):
+    # Embedded publishes and errors are answered without waiting: a long
+    # pipeline of them must be served one after another, not by recursion.
+    running = await services.start()
+    topic = unique_topic()
+    count = 3000
+    reader, writer = await connect(running.port)
+    requests = []
+    for n in range(count):
+        if n % 3 == 2:
+            requests.append(post(topic, b"not json"))
+        else:
+            requests.append(post(topic, b'{"data":%d}' % n))
+    writer.write(b"".join(requests) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answers = [await read_answer(reader) for _ in range(count + 1)]
+    for n, (status, _, body) in enumerate(answers[:count]):
+        if n % 3 == 2:
+            assert status == 400, n
+        else:
+            assert status == 200 and json.loads(body)["data"] == n, n
+    assert answers[-1][0] == 200 and "status" in json.loads(answers[-1][2])
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+@pytest.mark.parametrize(
+    "start, status",
+    [
+        (b"GET /healthz?x=", 414),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ", 431),
+    ],
+    ids=["request line", "header value"],
+)
+async def test_a_request_head_without_end_is_cut_off(services, start, status):
+    # 64 KiB of head is all a request may hold; a head that never ends is
+    # answered and dropped once far past it, neither buffered without bound
+    # nor parsed again and again.
+    running = await services.start()
+    rss_before = psutil.Process().memory_info().rss
+    reader, writer = await connect(running.port)
+    answer = asyncio.ensure_future(reader.read())
+    writer.write(start)
+    chunk = b"a" * 65536
+    sent = 0
+    try:
+        while not answer.done() and sent < 64 << 20:
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+    except ConnectionError:
+        pass
+    data = await asyncio.wait_for(answer, DEADLINE_S)
+    assert data.startswith(b"HTTP/1.1 %d " % status)
+    assert b"Connection: close" in data
+    writer.close()
+    assert psutil.Process().memory_info().rss - rss_before < 32 << 20
+    # The server still answers others.
+    assert (await http("GET", running.url("/healthz"))).code == 200
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_upgrade_requests_get_a_plain_answer_then_the_connection_closes(
+    services,
+):
+    running = await services.start()
+    topic = unique_topic()
+    reader, writer = await connect(running.port)
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    )
+    status, headers, _ = await read_answer(reader)
+    assert status == 200 and headers.get("connection") == "close"
+    assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""
+    writer.close()
+    # A body sent with an upgrade belongs to the new protocol: refused.
+    reader, writer = await connect(running.port)
+    writer.write(
+        post(topic, b'{"data":"up"}', "Connection: Upgrade", "Upgrade: websocket")
+    )
+    status, headers, body = await read_answer(reader)
+    assert status == 400 and headers.get("connection") == "close"
+    assert json.loads(body) == {"error": "protocol upgrades are not supported"}
+    writer.close()
+    reader, writer = await connect(running.port)
+    writer.write(b"CONNECT example.org:80 HTTP/1.1\r\nHost: example.org:80\r\n\r\n")
+    status, headers, body = await read_answer(reader)
+    assert status == 400 and headers.get("connection") == "close"
+    assert "error" in json.loads(body)
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_stream_never_cuts_off_answers_a_slow_reader_has_not_read(services):
+    running = await services.start()
+    topic = unique_topic()
+    count = 3000
+    reader, writer = await connect(running.port)
+    writer.transport.pause_reading()
+    writer.write(
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * count
+        + f"GET /topics/{topic}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    # The answers fill the socket buffers; the stream must wait for them.
+    front = running.service._servers[0]
+    await wait_until(
+        lambda: any(
+            conn.busy and conn.transport.get_write_buffer_size()
+            for conn in front._connections
+        ),
+        message="answers waiting in the write buffer",
+    )
+    writer.transport.resume_reading()
+    for n in range(count):
+        status, _, body = await read_answer(reader)
+        assert status == 200 and b"ssepg" in body, n
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"text/event-stream" in head
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize(
+    "target, status",
+    [
+        ("/healthz?x=" + "a" * 70_000, 414),
+        ("/topics/t/events?x=" + "a" * 70_000, 414),
+        ("/unknown?x=" + "a" * 20_000, 414),
+    ],
+    ids=["over 64 KiB", "topic over 64 KiB", "application route over 16 KiB"],
+)
+async def test_long_targets_get_414(services, target, status):
+    running = await services.start()
+    front = running.service.listen(
+        0, "127.0.0.1", app=tornado.web.Application([("/hello", Hello)])
+    )
+    reader, writer = await connect(front.port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    got, _, body = await read_answer(reader)
+    assert got == status and json.loads(body)["error"] == "uri too long"
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("line", ["GET /healthz HTTP/2.0", "GET /healthz HTTP/0.9"])
+async def test_other_http_versions_get_505(services, line):
+    running = await services.start()
+    reader, writer = await connect(running.port)
+    writer.write(f"{line}\r\nHost: x\r\n\r\n".encode())
+    status, headers, body = await read_answer(reader)
+    assert status == 505 and json.loads(body) == {"error": "http version not supported"}
+    assert headers.get("connection") == "close"
     writer.close()
