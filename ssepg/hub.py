@@ -67,6 +67,13 @@ MULTI_BATCH = 1024
 # subscriber, which is where fan-out throughput comes from.
 MAX_COALESCE_S = 0.002
 
+# A shard's fan-out that took longer than this makes its next one wait as
+# long again. Under a burst the loop then spends about half its time reading
+# publishes and half writing them, and the events read meanwhile leave
+# together, one write per subscriber for many events. Fan-outs quicker than
+# this (few subscribers, or events spaced apart) are never delayed.
+PACE_MIN_S = 0.002
+
 # How many removed topics remember the last event they held, so that a later
 # resume knows whether it missed something.
 DROPPED_TOPICS_REMEMBERED = 100_000
@@ -172,6 +179,8 @@ class Dispatcher:
             collections.deque() for _ in range(fanout_shards)
         ]
         self._shard_scheduled = [False] * fanout_shards
+        # When each shard's next fan-out may start (PACE_MIN_S).
+        self._shard_ready_at = [0.0] * fanout_shards
         self._groups: dict[tuple[str, ...], Channel] = {}
         self._multi_queue: collections.deque[Message] = collections.deque()
         self._multi_scheduled = False
@@ -286,7 +295,7 @@ class Dispatcher:
             self._shards[t.shard].append(t)
             if not self._shard_scheduled[t.shard]:
                 self._shard_scheduled[t.shard] = True
-                self.loop.call_soon(self._drain_shard, t.shard)
+                self._schedule_drain(t.shard)
         if self._groups or self._multi_queue:
             self._multi_queue.append(msg)
             if not self._multi_scheduled:
@@ -363,12 +372,22 @@ class Dispatcher:
         for drain, args in parked:
             self.loop.call_soon(drain, *args)
 
+    def _schedule_drain(self, index: int) -> None:
+        ready_at = self._shard_ready_at[index]
+        if ready_at:
+            delay = ready_at - _monotonic()
+            if delay > 0:
+                self.loop.call_later(delay, self._drain_shard, index)
+                return
+        self.loop.call_soon(self._drain_shard, index)
+
     def _drain_shard(self, index: int) -> None:
         if self._should_wait():
             self._park(self._drain_shard, index)
             return
         self._waiting_since = None
         self._shard_scheduled[index] = False
+        started = _monotonic()
         queue = self._shards[index]
         budget = DRAIN_BUDGET_FRAMES
         while queue and budget > 0:
@@ -379,9 +398,12 @@ class Dispatcher:
             else:
                 t.is_queued = False
         self._settle()
+        now = _monotonic()
+        took = now - started
+        self._shard_ready_at[index] = now + took if took > PACE_MIN_S else 0.0
         if queue and not self._shard_scheduled[index]:
             self._shard_scheduled[index] = True
-            self.loop.call_soon(self._drain_shard, index)
+            self._schedule_drain(index)
 
     def _drain_multi(self) -> None:
         if self._should_wait():
