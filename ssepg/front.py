@@ -47,8 +47,8 @@ MAX_READ_BYTES = 256 * 1024
 MAX_FALLBACK_BODY_BYTES = 16 << 20
 # A request must be complete (headers and body) this long after it began.
 REQUEST_TIMEOUT_S = 60.0
-# After a last answer, what the client still sends is read and dropped this
-# long, so that the answer is not lost to a reset.
+# After a last answer has left, what the client still sends is read and
+# dropped this long, so that the answer is not lost to a reset.
 LINGER_S = 2.0
 # Keep-alive connections idle this long are closed.
 IDLE_TIMEOUT_S = 600.0
@@ -102,6 +102,7 @@ class _Request:
         "arg",
         "started",
         "head_done",
+        "url_bytes",
     )
 
     def __init__(self) -> None:
@@ -121,6 +122,7 @@ class _Request:
         self.arg = ""
         self.started = time.monotonic()
         self.head_done = False
+        self.url_bytes = 0
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -366,6 +368,7 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         req = self.current
         if req is not None and not self.closing:
+            req.url_bytes += len(url)
             if len(req.url) + len(url) > HARD_HEADER_BYTES:
                 # Kept no further; answered 414 once the head is read.
                 req.route = _URI_TOO_LONG
@@ -484,7 +487,7 @@ class _Connection(asyncio.Protocol):
         try:
             if route == _URI_TOO_LONG:
                 raise ApiError(
-                    414, "uri too long", size=len(req.url), limit=api.MAX_URI_BYTES
+                    414, "uri too long", size=req.url_bytes, limit=api.MAX_URI_BYTES
                 )
             if route == _BAD_VERSION:
                 raise ApiError(505, "http version not supported")
@@ -597,6 +600,9 @@ class _Connection(asyncio.Protocol):
         lines.extend(f"{name}: {value}" for name, value in merged.items())
         if not keep_alive:
             lines.append("Connection: close")
+        elif req.version == "HTTP/1.0":
+            # Persistent only because the client asked: say it is granted.
+            lines.append("Connection: keep-alive")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         transport.write(head if req.method == "HEAD" or status == 204 else head + body)
         self._log(req, status)
@@ -740,8 +746,8 @@ class _Connection(asyncio.Protocol):
         # the client's kernel throw away the answer it has not read yet (a
         # 413 or 431 to a client still sending, say). So the answer is
         # followed by a FIN, what the client still sends is read and dropped,
-        # and the connection goes when the client closes it or `LINGER_S`
-        # later.
+        # and the connection goes when the client closes it, or `LINGER_S`
+        # after the answer has left.
         self.closing = True
         transport = self.transport
         if transport is None:
@@ -755,7 +761,32 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         transport.resume_reading()
-        self._linger = asyncio.get_running_loop().call_later(LINGER_S, self.abort)
+        now = time.monotonic()
+        self._linger = asyncio.get_running_loop().call_later(
+            LINGER_S, self._linger_check, -1, now
+        )
+
+    def _linger_check(self, last_size: int, progress_at: float) -> None:
+        # An answer still leaving is never cut off while the client reads
+        # it; a client that reads none of it for REQUEST_TIMEOUT_S is
+        # dropped. Once it has left, LINGER_S more lets the kernel's send
+        # buffer drain before the reset.
+        transport = self.transport
+        if transport is None:
+            return
+        size = transport.get_write_buffer_size()
+        now = time.monotonic()
+        if size == 0 and last_size == 0:
+            self.abort()
+            return
+        if size and size == last_size and now - progress_at > REQUEST_TIMEOUT_S:
+            self.abort()
+            return
+        if size != last_size:
+            progress_at = now
+        self._linger = asyncio.get_running_loop().call_later(
+            LINGER_S, self._linger_check, size, progress_at
+        )
 
     def close_when_idle(self) -> None:
         if not self.busy and not self.queue and self.transport is not None:
@@ -825,6 +856,8 @@ class _TornadoConnection(tornado.httputil.HTTPConnection):
             self._keep_alive = False
         if not self._keep_alive:
             headers["Connection"] = "close"
+        elif self.req.version == "HTTP/1.0":
+            headers["Connection"] = "keep-alive"
         lines = [f"HTTP/1.1 {code} {start_line.reason}"]
         lines.extend(f"{name}: {value}" for name, value in headers.get_all())
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -131,7 +131,7 @@ async def test_http_1_0_closes_unless_keep_alive_is_asked(services):
         post(topic, b'{"data":2}', "Connection: keep-alive", version="HTTP/1.0")
     )
     status, headers, _ = await read_answer(reader)
-    assert status == 200 and "connection" not in headers
+    assert status == 200 and headers.get("connection") == "keep-alive"
     writer.write(
         post(topic, b'{"data":3}', "Connection: keep-alive", version="HTTP/1.0")
     )
@@ -353,7 +353,12 @@ async def test_long_targets_get_414(services, target, status):
     reader, writer = await connect(front.port)
     writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     got, _, body = await read_answer(reader)
-    assert got == status and json.loads(body)["error"] == "uri too long"
+    assert got == status
+    assert json.loads(body) == {
+        "error": "uri too long",
+        "size": len(target),
+        "limit": 16384,
+    }
     writer.close()
 
 
@@ -366,4 +371,44 @@ async def test_other_http_versions_get_505(services, line):
     status, headers, body = await read_answer(reader)
     assert status == 505 and json.loads(body) == {"error": "http version not supported"}
     assert headers.get("connection") == "close"
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_closing_answer_still_leaving_is_never_cut_off(services, monkeypatch):
+    # After the last answer of a connection the server lingers, then resets;
+    # the reset must wait until the answers have left, however long a slow
+    # reader takes.
+    monkeypatch.setattr(front_module, "LINGER_S", 0.05)
+    checks = []
+    check = front_module._Connection._linger_check
+
+    def counted(conn, *args):
+        checks.append(args)
+        check(conn, *args)
+
+    monkeypatch.setattr(front_module._Connection, "_linger_check", counted)
+    running = await services.start()
+    count = 3000
+    reader, writer = await connect(running.port)
+    writer.transport.pause_reading()
+    writer.write(
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * count
+        + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    front = running.service._servers[0]
+    await wait_until(
+        lambda: any(conn.closing for conn in front._connections),
+        message="the last answer written",
+    )
+    # The linger comes and goes many times while nothing is read.
+    await wait_until(lambda: len(checks) >= 10, message="lingering checks")
+    writer.transport.resume_reading()
+    for n in range(count):
+        status, _, body = await read_answer(reader)
+        assert status == 200 and b"ssepg" in body, n
+    status, headers, body = await read_answer(reader)
+    assert status == 200 and headers.get("connection") == "close"
+    assert json.loads(body)["status"] == "ok"
+    assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""
     writer.close()
