@@ -37,6 +37,13 @@ async def read_answer(
     return int(status_line.split()[1]), headers, body
 
 
+async def read_metrics_answers(reader: asyncio.StreamReader, count: int) -> None:
+    """Read *count* answers of pipelined ``GET /metrics``, each whole."""
+    for n in range(count):
+        status, _, body = await read_answer(reader)
+        assert status == 200 and b"ssepg" in body, n
+
+
 def post(topic: str, body: bytes, *extra: str, version: str = "HTTP/1.1") -> bytes:
     head = [
         f"POST /topics/{topic}/events {version}",
@@ -327,9 +334,7 @@ async def test_a_stream_never_cuts_off_answers_a_slow_reader_has_not_read(servic
         message="answers waiting in the write buffer",
     )
     writer.transport.resume_reading()
-    for n in range(count):
-        status, _, body = await read_answer(reader)
-        assert status == 200 and b"ssepg" in body, n
+    await read_metrics_answers(reader, count)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
     assert head.startswith(b"HTTP/1.1 200 OK") and b"text/event-stream" in head
     writer.close()
@@ -404,9 +409,7 @@ async def test_a_closing_answer_still_leaving_is_never_cut_off(services, monkeyp
     # The linger comes and goes many times while nothing is read.
     await wait_until(lambda: len(checks) >= 10, message="lingering checks")
     writer.transport.resume_reading()
-    for n in range(count):
-        status, _, body = await read_answer(reader)
-        assert status == 200 and b"ssepg" in body, n
+    await read_metrics_answers(reader, count)
     status, headers, body = await read_answer(reader)
     assert status == 200 and headers.get("connection") == "close"
     assert json.loads(body)["status"] == "ok"
