@@ -20,6 +20,8 @@ import pytest
 
 from ssepg import broker as broker_module
 from ssepg import hub as hub_module
+from ssepg import pgconn
+from ssepg import publisher as publisher_module
 
 from relay import Relay
 from support import SSEClient, http, publish, subscribe, unique_topic, wait_until
@@ -295,12 +297,12 @@ async def test_start_while_postgres_unreachable_then_recover(services, pg_dsn):
 
 
 def test_backoff_grows_and_is_capped():
-    delays = [broker_module._backoff(n) for n in range(1, 200)]
-    cap = broker_module.BACKOFF_MAX_S * 1.2
+    delays = [pgconn._backoff(n) for n in range(1, 200)]
+    cap = pgconn.BACKOFF_MAX_S * 1.2
     assert all(0 < d <= cap for d in delays)
     assert delays[0] < 1.0
-    assert min(delays[50:]) >= broker_module.BACKOFF_MAX_S * 0.8
-    assert broker_module._backoff(10**9) <= cap
+    assert min(delays[50:]) >= pgconn.BACKOFF_MAX_S * 0.8
+    assert pgconn._backoff(10**9) <= cap
 
 
 @pytest.mark.allow_warnings
@@ -489,12 +491,12 @@ async def test_client_caused_publish_errors_keep_the_publish_connections(
         warm += 1
 
     deadline = time.monotonic() + 20
-    burst = 2 * broker_module.EXTRA_CONNECTION_BACKLOG
-    while len(publish_connection_pids(service)) < broker_module.PUBLISH_CONNECTIONS:
+    burst = 2 * publisher_module.EXTRA_CONNECTION_BACKLOG
+    while len(publish_connection_pids(service)) < publisher_module.PUBLISH_CONNECTIONS:
         assert time.monotonic() < deadline, "the second publish connection never opened"
         await asyncio.gather(*(publisher() for _ in range(burst)))
     pids = publish_connection_pids(service)
-    assert len(pids) == broker_module.PUBLISH_CONNECTIONS
+    assert len(pids) == publisher_module.PUBLISH_CONNECTIONS
 
     async def bad_requests() -> list[int | str]:
         codes: list[int | str] = []
