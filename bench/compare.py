@@ -573,10 +573,13 @@ def extra_table(rows: list[dict[str, Any]]) -> str:
 def _find(
     rows: list[dict[str, Any]], system: str, workload: str
 ) -> dict[str, Any] | None:
+    # With --reps, only the median run of each pair counts (the one the
+    # table shows); the other runs are kept in raw.jsonl as "ssebench-rep".
     for r in rows:
         if (
             r.get("system") == system
             and r.get("workload") == workload
+            and r.get("kind") != "ssebench-rep"
             and not r.get("error")
         ):
             return r
