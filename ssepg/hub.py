@@ -188,7 +188,7 @@ class Dispatcher:
         self._streams: set[Subscriber] = set()
         self._holds = 0
         self._waiting_since: float | None = None
-        self._parked: list[tuple[Callable[..., None], tuple[int, ...]]] = []
+        self._parked: list[tuple[Callable[..., None], tuple[object, ...]]] = []
         self._park_timer: asyncio.TimerHandle | None = None
         self._lagging: list[Subscriber] = []
         self._dead: list[Subscriber] = []
@@ -356,8 +356,9 @@ class Dispatcher:
     def _park(self, drain: Callable[..., None], *args: int) -> None:
         # A drain that waits for held events sleeps until the last hold is
         # released or the wait reaches MAX_COALESCE_S, whichever comes first;
-        # it never spins the loop meanwhile.
-        self._parked.append((drain, args))
+        # it never spins the loop meanwhile. Every drain that parks meanwhile
+        # shares that one wait, and is called back as having waited.
+        self._parked.append((drain, (*args, True)))
         if self._park_timer is None:
             assert self._waiting_since is not None
             self._park_timer = self.loop.call_at(
@@ -368,6 +369,10 @@ class Dispatcher:
         if self._park_timer is not None:
             self._park_timer.cancel()
             self._park_timer = None
+        # The wait is over for every drain parked in it: they all run now,
+        # none parks again (each starting a wait of its own would hold the
+        # shards back one after another), and a later drain starts anew.
+        self._waiting_since = None
         parked, self._parked = self._parked, []
         for drain, args in parked:
             self.loop.call_soon(drain, *args)
@@ -381,11 +386,10 @@ class Dispatcher:
                 return
         self.loop.call_soon(self._drain_shard, index)
 
-    def _drain_shard(self, index: int) -> None:
-        if self._should_wait():
+    def _drain_shard(self, index: int, waited: bool = False) -> None:
+        if not waited and self._should_wait():
             self._park(self._drain_shard, index)
             return
-        self._waiting_since = None
         self._shard_scheduled[index] = False
         started = _monotonic()
         queue = self._shards[index]
@@ -412,11 +416,10 @@ class Dispatcher:
             self._shard_scheduled[index] = True
             self._schedule_drain(index)
 
-    def _drain_multi(self) -> None:
-        if self._should_wait():
+    def _drain_multi(self, waited: bool = False) -> None:
+        if not waited and self._should_wait():
             self._park(self._drain_multi)
             return
-        self._waiting_since = None
         self._multi_scheduled = False
         self._fan_multi()
         self._settle()

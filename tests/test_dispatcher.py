@@ -338,3 +338,35 @@ async def test_data_nested_deeper_than_receivers_accept_is_refused(dispatcher, d
     envelope = build_envelope(topic, event.id, "message", event.raw.encode())
     assert parse_envelope(envelope)[3] == event.raw.encode()
     sub.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_held_fan_out_waits_once_for_every_shard(io_loop):
+    # Fan-outs that wait for held events share one wait: when it ends, every
+    # shard's fan-out runs, instead of each starting a wait of its own in
+    # turn (eight shards would then wait eight times as long).
+    from ssepg._fast import fnv1a_32
+
+    shards = 8
+    d = Dispatcher(fanout_shards=shards)
+    try:
+        topics: dict[int, str] = {}
+        while len(topics) < shards:
+            topic = unique_topic()
+            topics.setdefault(fnv1a_32(topic) % shards, topic)
+        subs = [d.subscribe(t) for t in topics.values()]
+        d.hold()  # a publish request is being read, and stays unfinished
+        for topic in topics.values():
+            d.publish(topic, {"topic": topic})
+        nexts = [asyncio.ensure_future(anext(s)) for s in subs]
+        done, _ = await asyncio.wait(
+            nexts, timeout=DEADLINE_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        assert done, "the held fan-out never ran"
+        assert all(n.done() for n in nexts)
+        assert [n.result().data for n in nexts] == [
+            {"topic": t} for t in topics.values()
+        ]
+        d.release()
+    finally:
+        d.close()
