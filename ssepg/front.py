@@ -259,6 +259,10 @@ class _Connection(asyncio.Protocol):
         self.service = front.service
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # Any HTTP/d.d passes the parser so that the answer can tell: a
+        # higher HTTP/1 minor version is served as HTTP/1.1 (RFC 9112, 2.3),
+        # other versions get 505.
+        self.parser.set_dangerous_leniencies(lenient_version=True)
         self.current: _Request | None = None
         self.queue: collections.deque[_Request] = collections.deque()
         self.busy = False
@@ -396,6 +400,8 @@ class _Connection(asyncio.Protocol):
         parser = self.parser
         req.method = parser.get_method().decode("ascii", "replace")
         version = parser.get_http_version()
+        if version[:2] == "1." and version != "1.0":
+            version = "1.1"
         req.version = "HTTP/" + version
         req.keep_alive = parser.should_keep_alive()
         if version not in ("1.1", "1.0"):

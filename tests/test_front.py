@@ -368,7 +368,9 @@ async def test_long_targets_get_414(services, target, status):
 
 
 @pytest.mark.gen_test(timeout=60)
-@pytest.mark.parametrize("line", ["GET /healthz HTTP/2.0", "GET /healthz HTTP/0.9"])
+@pytest.mark.parametrize(
+    "line", ["GET /healthz HTTP/2.0", "GET /healthz HTTP/0.9", "GET /healthz HTTP/3.1"]
+)
 async def test_other_http_versions_get_505(services, line):
     running = await services.start()
     reader, writer = await connect(running.port)
@@ -376,6 +378,19 @@ async def test_other_http_versions_get_505(services, line):
     status, headers, body = await read_answer(reader)
     assert status == 505 and json.loads(body) == {"error": "http version not supported"}
     assert headers.get("connection") == "close"
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_higher_http_1_minor_version_is_served_as_http_1_1(services):
+    running = await services.start()
+    reader, writer = await connect(running.port)
+    for _ in range(2):
+        # Kept alive as HTTP/1.1 would be: the second request is answered too.
+        writer.write(b"GET /healthz HTTP/1.2\r\nHost: x\r\n\r\n")
+        status, headers, body = await read_answer(reader)
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        assert headers.get("connection") != "close"
     writer.close()
 
 
