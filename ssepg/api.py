@@ -234,11 +234,14 @@ def query_values(query: str, name: str) -> list[bytes]:
 def last_event_id(header: str | None, query: str) -> str | None:
     """The resume id: the ``Last-Event-ID`` header, else the
     ``last_event_id`` query parameter. Decoded leniently: an id that is not
-    UTF-8 is merely unknown (answered with ``ssepg-reset``), not an error."""
-    if header is not None:
+    UTF-8 is merely unknown (answered with ``ssepg-reset``), not an error.
+    An empty id is no id, as for a browser, which never sends one."""
+    if header:
         return header
     values = query_values(query, "last_event_id")
-    return values[-1].decode("utf-8", "replace") if values else None
+    if values and values[-1]:
+        return values[-1].decode("utf-8", "replace")
+    return None
 
 
 # Access -----------------------------------------------------------------------

@@ -511,7 +511,7 @@ class Dispatcher:
         is_multi = len(topics) > 1
         ts = [self.topics.get(name) or self._create_topic(name) for name in topics]
         parts = [b"retry: %d\n\n" % retry_ms, comment("listening " + ",".join(topics))]
-        if last_event_id is not None:
+        if last_event_id:
             parts.extend(self._resume_frames(ts, last_event_id, is_multi))
         plain = b"".join(parts)
         label = ",".join(topics)
@@ -748,7 +748,7 @@ class Dispatcher:
     def subscribe(self, topic: str, last_event_id: str | None = None) -> Subscription:
         """Receive the events of *topic* published from now on (or after
         *last_event_id*, as far as the window holds; otherwise an
-        ``ssepg-reset`` event comes first).
+        ``ssepg-reset`` event comes first). An empty id is no id.
 
         :raises InvalidTopic: bad topic id.
         """
@@ -757,7 +757,7 @@ class Dispatcher:
         name = normalize_topic(topic)
         t = self.topics.get(name) or self._create_topic(name)
         sub = Subscription(self, t)
-        if last_event_id is not None:
+        if last_event_id:
             anchor = self._index.get(last_event_id)
             if anchor is not None and t.fanned < t.ring.head:
                 self.flush()  # as in _resume_frames: no event twice

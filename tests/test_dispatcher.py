@@ -370,3 +370,14 @@ async def test_a_held_fan_out_waits_once_for_every_shard(io_loop):
         d.release()
     finally:
         d.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_empty_last_event_id_is_no_id(dispatcher):
+    topic = unique_topic()
+    dispatcher.publish(topic, 0)
+    sub = dispatcher.subscribe(topic, last_event_id="")
+    live = dispatcher.publish(topic, 1)
+    events = await take(sub, 1)
+    assert [(e.event, e.id, e.data) for e in events] == [("message", live, 1)]
+    sub.close()
