@@ -633,7 +633,9 @@ class Dispatcher:
     def _drop_slow(self, sub: Subscriber, reason: str) -> None:
         if sub.is_closed:
             return
-        queued = sub.drop_queue()
+        # All of it stays unsent: the stream closes next.
+        unsent = sub.queued_bytes
+        sub.drop_queue()
         self.dropped_clients += 1
         ch = sub.channel
         if ch is not None:
@@ -646,7 +648,7 @@ class Dispatcher:
             "dropped subscriber of %s: %s, %d bytes unsent (limit %d)",
             sub.label,
             reason,
-            queued,
+            unsent,
             self.client_buffer,
         )
         self.close_stream(sub, comment(reason))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections.abc import Iterator
 
 import pytest
 
 from ssepg import Dispatcher, Event, InvalidTopic, SlowConsumer, Subscription
+from ssepg import hub as hub_module
 from ssepg._fast import parse_envelope
 from ssepg.broker import build_envelope
 
-from support import DEADLINE_S, unique_topic
+from support import DEADLINE_S, unique_topic, wait_until
 
 
 @pytest.fixture
@@ -381,3 +384,33 @@ async def test_an_empty_last_event_id_is_no_id(dispatcher):
     events = await take(sub, 1)
     assert [(e.event, e.id, e.data) for e in events] == [("message", live, 1)]
     sub.close()
+
+
+@pytest.mark.allow_warnings
+@pytest.mark.gen_test(timeout=60)
+async def test_a_dropped_stream_logs_every_byte_left_unsent(
+    io_loop, monkeypatch, caplog
+):
+    # One large event that the socket took in part: what is left is the rest
+    # of a chunk already begun, and the log must still count it.
+    monkeypatch.setattr(hub_module, "WRITE_TIMEOUT_S", 0.3)
+    d = Dispatcher(keep_alive=0.2, client_buffer=8 << 20)
+    mine, client = socket.socketpair()
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        topic = unique_topic()
+        d.add_stream(mine, (topic,))
+        d.publish(topic, "x" * (1 << 20))
+        d.flush()
+        unsent = d.stats()["totals"]["pending_to_clients"]
+        assert unsent > 0
+        caplog.set_level(logging.WARNING, logger="ssepg.hub")
+        await wait_until(lambda: d.stream_count == 0, message="stalled stream dropped")
+        logged = [
+            r.getMessage() for r in caplog.records if "dropped subscriber" in r.message
+        ]
+        assert logged and f"write timeout, {unsent} bytes unsent" in logged[0]
+    finally:
+        d.close()
+        client.close()
