@@ -57,7 +57,7 @@ SWEEP_INTERVAL_S = 10.0
 
 _TOPIC, _BATCH, _HEALTH, _METRICS, _OTHER = range(5)
 # Requests refused before routing.
-_BAD_URL, _URI_TOO_LONG, _BAD_VERSION, _UPGRADE = -1, -2, -3, -4
+_BAD_URL, _URI_TOO_LONG, _BAD_VERSION, _UPGRADE, _BAD_CODING = -1, -2, -3, -4, -5
 _ALLOW = {
     _TOPIC: api.ALLOW_TOPIC,
     _BATCH: api.ALLOW_BATCH,
@@ -334,9 +334,11 @@ class _Connection(asyncio.Protocol):
                 return
             last = self.queue[-1]
             last.keep_alive = False
-            if last.expected > 0 and not last.body_size:
-                # The parser took the body for the new protocol's first
-                # bytes: the request cannot be served as it was meant.
+            has_body = last.expected > 0 or last.header("transfer-encoding") is not None
+            if last.method == "CONNECT" or (has_body and not last.body_size):
+                # A tunnel is never offered; and a body the parser took for
+                # the new protocol's first bytes leaves a request that cannot
+                # be served as it was meant.
                 last.route = _UPGRADE
         except httptools.HttpParserInvalidMethodError:
             # Not a method HTTP defines: no route can say what it allows.
@@ -410,6 +412,16 @@ class _Connection(asyncio.Protocol):
             return
         if req.route == _URI_TOO_LONG or len(req.url) > api.MAX_URI_BYTES:
             req.route = _URI_TOO_LONG
+            return
+        if req.method == "CONNECT":
+            return  # refused once complete (see data_received)
+        codings = [v for k, v in req.headers if k == "transfer-encoding"]
+        if codings and ",".join(codings).replace(" ", "").lower() != "chunked":
+            # Only a plain chunked body is understood; a body in a coding
+            # ssepg cannot undo (or one it is asked to ignore) is refused
+            # rather than read as something else.
+            req.route = _BAD_CODING
+            req.keep_alive = False
             return
         try:
             url = httptools.parse_url(req.url)

@@ -48,6 +48,7 @@ UNAUTHORIZED = {"error": "unauthorized"}
 BAD_LIMIT = {"error": "limit must be a non-negative integer"}
 BAD_REQUEST = {"error": "bad request"}
 UNKNOWN_METHOD = {"error": "unknown method"}
+NO_UPGRADES = {"error": "protocol upgrades are not supported"}
 TOPIC_METHODS = {"Allow": "GET, POST, OPTIONS"}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ssepg"', "Cache-Control": "no-store"}
 
@@ -365,6 +366,47 @@ CASES: list[Case] = [
         b"POST /topics/t/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
         400,
         BAD_REQUEST,
+    ),
+    Case(
+        "an unknown transfer coding before chunked",
+        b"POST /topics/t/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo, chunked"
+        b'\r\n\r\na\r\n{"data":1}\r\n0\r\n\r\n',
+        400,
+        BAD_REQUEST,
+    ),
+    Case(
+        "gzip before chunked (never decoded)",
+        b"POST /topics/t/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked"
+        b'\r\n\r\na\r\n{"data":1}\r\n0\r\n\r\n',
+        400,
+        BAD_REQUEST,
+    ),
+    Case(
+        "two Transfer-Encoding headers",
+        b"POST /topics/t/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n"
+        b'Transfer-Encoding: chunked\r\n\r\na\r\n{"data":1}\r\n0\r\n\r\n',
+        400,
+        BAD_REQUEST,
+    ),
+    Case(
+        "CONNECT to a topic path",
+        b"CONNECT /topics/t/events HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        NO_UPGRADES,
+    ),
+    Case(
+        "CONNECT to an address",
+        b"CONNECT 127.0.0.1:5432 HTTP/1.1\r\nHost: 127.0.0.1:5432\r\n\r\n",
+        400,
+        NO_UPGRADES,
+    ),
+    Case(
+        "an upgrade with a chunked body",
+        b"POST /topics/t/events HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+        b"Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'a\r\n{"data":1}\r\n0\r\n\r\n',
+        400,
+        NO_UPGRADES,
     ),
     # Methods and paths -------------------------------------------------------
     Case("PUT", method("PUT"), 405, NOT_ALLOWED, TOPIC_METHODS),
