@@ -27,12 +27,30 @@ from .config import Config
 from .errors import ConfigError
 from .handlers import NotFoundHandler
 from .log import access_log, http_log
-from .service import Service
+from .service import Service, bound_port
 
 __all__ = ["main", "serve", "build_parser"]
 
 DEFAULT_PORT = 8080
 RouteFactory = Callable[[Service], list[Any]]
+
+
+def _tcp_port(text: str) -> int:
+    # 0 takes any free port (the log names the one bound).
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {text!r}")
+    return port
+
+
+def _count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
 def build_parser(prog: str = "ssepg") -> argparse.ArgumentParser:
@@ -45,8 +63,8 @@ def build_parser(prog: str = "ssepg") -> argparse.ArgumentParser:
     env = os.environ
     parser.add_argument(
         "--port",
-        type=int,
-        default=int(env.get("SSEPG_PORT", DEFAULT_PORT)),
+        type=_tcp_port,
+        default=env.get("SSEPG_PORT", str(DEFAULT_PORT)),
         help="TCP port to serve on (SSEPG_PORT, default 8080)",
     )
     parser.add_argument(
@@ -56,8 +74,8 @@ def build_parser(prog: str = "ssepg") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--processes",
-        type=int,
-        default=int(env.get("SSEPG_PROCESSES", "1")),
+        type=_count,
+        default=env.get("SSEPG_PROCESSES", "1"),
         help="instances sharing the port via SO_REUSEPORT; needs a DSN above 1 "
         "(SSEPG_PROCESSES)",
     )
@@ -99,6 +117,8 @@ def main(
         parser.error(str(exc))
     if args.processes < 1:
         parser.error("--processes must be at least 1")
+    if args.processes > 1 and args.port == 0:
+        parser.error("--processes above 1 needs a fixed --port to share")
     if args.processes > 1 and not config.dsn:
         parser.error(
             "--processes above 1 needs a DSN: instances share events only "
@@ -180,14 +200,14 @@ async def serve(
                 default_handler_args={"service": service},
                 log_function=_log_request,
             )
-        service.listen(port, host, app=app, reuse_port=reuse_port)
+        server = service.listen(port, host, app=app, reuse_port=reuse_port)
     except BaseException:
         await service.close(drain=0)
         raise
     http_log.info(
         "listening on http://%s:%d (pid %d, %s loop)",
         host or "0.0.0.0",
-        port,
+        bound_port(server),
         os.getpid(),
         type(asyncio.get_running_loop()).__module__.split(".")[0],
     )

@@ -559,3 +559,33 @@ async def test_every_field_reaches_the_part_that_acts_on_it(pg_dsn):
                 pytest.fail("the event never reached its channel")
     finally:
         await service.close(drain=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--port", "99999"], {}, "argument --port: must be a TCP port (0-65535)"),
+        (["--port", "-5"], {}, "argument --port: must be a TCP port (0-65535)"),
+        (["--port", "http"], {}, "argument --port: must be a TCP port (0-65535)"),
+        ([], {"SSEPG_PORT": "70000"}, "argument --port: must be a TCP port"),
+        ([], {"SSEPG_PROCESSES": "two"}, "argument --processes: must be an integer"),
+        (
+            ["--port", "0", "--processes", "2"],
+            {"DATABASE_URL": "postgresql://db/x"},
+            "--processes above 1 needs a fixed --port",
+        ),
+    ],
+)
+def test_bad_server_options_exit_2_with_a_clear_message(argv, env, message):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SSEPG_")}
+    clean.pop("DATABASE_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "ssepg", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **env},
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
