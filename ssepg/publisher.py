@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
@@ -34,6 +35,10 @@ PUBLISH_CONNECTIONS = 2
 # last round trip in one statement, where two would alternate small ones
 # (each statement costs a round trip of system calls on both sides).
 EXTRA_CONNECTION_BACKLOG = 256
+
+# Deadlines and the publish latency figure read this clock, not the loop's:
+# uvloop's loop.time() moves in whole milliseconds, once per loop turn.
+_now = time.monotonic
 
 
 class _Waiter(Protocol):
@@ -279,7 +284,7 @@ class Publisher:
     ) -> asyncio.Future[None]:
         loop = self._loop
         fut: asyncio.Future[None] = loop.create_future()
-        self._pending.append((channel, payload, fut, loop.time() + timeout, topic))
+        self._pending.append((channel, payload, fut, _now() + timeout, topic))
         if self._deadline_timer is None:
             self._deadline_timer = loop.call_later(timeout, self._expire)
         self._kick()
@@ -291,7 +296,7 @@ class Publisher:
         """Queue ``(channel, envelope, topic)`` entries under one future."""
         loop = self._loop
         group = _Group(loop.create_future(), len(entries))
-        deadline = loop.time() + timeout
+        deadline = _now() + timeout
         self._pending.extend(
             (channel, payload, _Share(group, index), deadline, topic)
             for index, (channel, payload, topic) in enumerate(entries)
@@ -308,7 +313,7 @@ class Publisher:
         # of each list is looked at.
         self._deadline_timer = None
         loop = self._loop
-        now = loop.time()
+        now = _now()
         message = (
             f"publish not confirmed within {self._broker.config.publish_timeout:g} s"
         )
@@ -448,7 +453,7 @@ class Publisher:
         self.batches += 1
         report = self._broker.on_published
         timeout = self._broker.config.publish_timeout
-        now = self._loop.time()
+        now = _now()
         for _, _, fut, deadline, topic in batch:
             if not fut.done():
                 fut.set_result(None)
