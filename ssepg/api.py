@@ -189,8 +189,10 @@ def _parse_batch_item(body: bytes, start: int, end: int) -> tuple[str, bytes, st
     except JSONError:
         raise ApiError(400, "event must be an object") from None
     topic_span = spans.get("topic")
-    if topic_span is None or not span_is_string(body, *topic_span):
+    if topic_span is None:
         raise ApiError(400, "missing topic")
+    if not span_is_string(body, *topic_span):
+        raise ApiError(400, "topic must be a string")
     try:
         topic = normalize_topic(decode_string(body, *topic_span))
     except InvalidTopic:
@@ -497,7 +499,7 @@ def health_answer(service: Service, query: str) -> tuple[int, bytes]:
     if values:
         raw = values[-1]
         if not raw.isdigit() or len(raw) > 9:
-            raise ApiError(400, "limit must be a non-negative integer")
+            raise ApiError(400, "limit must be an integer from 0 to 999999999")
         limit = int(raw)
     report = service.health(limit=limit)
     return (200 if report["status"] == "ok" else 503), dumps(report)

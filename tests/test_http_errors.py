@@ -393,13 +393,15 @@ async def test_batch_publish_reports_errors_per_item(services):
         b'{"topic": "' + topic.encode() + b'", "data": 6, "event": "no spaces"},'
         b'{"topic": "' + topic.encode() + b'", "data": "' + b"x" * 300 + b'"},'
         b"7,"
-        b'{"topic": "' + topic.encode() + b'", "data": 8}'
+        b'{"topic": "' + topic.encode() + b'", "data": 8},'
+        b'{"topic": 5, "data": 9},'
+        b'{"topic": null, "data": 10}'
         b"]}"
     )
     response = await http("POST", running.url("/topics"), body)
     assert response.code == 200, response.body
     results = json.loads(response.body)["results"]
-    assert len(results) == 9
+    assert len(results) == 11
     assert set(results[0]) == {"topic", "id"}
     assert results[1] == {"error": "invalid topic", "status": 400}
     assert results[2] == {"error": "missing topic", "status": 400}
@@ -412,6 +414,8 @@ async def test_batch_publish_reports_errors_per_item(services):
     assert results[6]["size"] > 300
     assert results[7] == {"error": "event must be an object", "status": 400}
     assert set(results[8]) == {"topic", "id"}
+    assert results[9] == {"error": "topic must be a string", "status": 400}
+    assert results[10] == {"error": "topic must be a string", "status": 400}
     events = await client.wait_events(2)
     assert [(e.id, e.data) for e in events] == [
         (results[0]["id"], "1"),
