@@ -41,6 +41,7 @@ __all__ = [
     "parse_topics",
     "parse_publish_body",
     "accepts_gzip",
+    "check_publisher",
     "check_token",
     "cors_headers",
     "preflight_headers",
@@ -396,23 +397,43 @@ def _publish_answer(topic: str, event_id: str, data: bytes) -> bytes:
     )
 
 
+def check_publisher(service: Service, header: Callable[[str], str | None]) -> None:
+    """Refuse a publish without the publish token (401), and one from a web
+    page (it carries ``Origin``) whose body is not declared JSON (415).
+
+    A page elsewhere can send a form or ``text/plain`` body to any server
+    without asking first; a JSON one needs a CORS preflight, which only
+    ``cors_origins`` pass. So a publish from a page of an origin not allowed
+    never reaches the broker, token or not.
+    """
+    check_token(service.config.publish_token, header("authorization"))
+    if header("origin") is None:
+        return
+    media = (header("content-type") or "").partition(";")[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise ApiError(415, "a publish from a web page must be application/json")
+
+
 def publish(
     service: Service,
     path: str,
     body: bytes,
-    authorization: str | None,
+    header: Callable[[str], str | None],
     done: Callable[[bytes | ApiError], None],
 ) -> None:
     """``POST /topics/{path}/events``: check and publish, then call *done*
     with the answer body or an `ApiError` (at once when the broker takes the
-    event synchronously, else when Postgres confirmed it).
+    event synchronously, else when Postgres confirmed it). *header* looks up
+    a request header by lower-case name.
 
     :raises ApiError: for a request refused before publishing.
     """
     topics = parse_topics(path)
     if len(topics) != 1:
         raise ApiError(400, "publish to one topic at a time")
-    check_token(service.config.publish_token, authorization)
+    check_publisher(service, header)
     data, event = parse_publish_body(body)
     topic = topics[0]
     try:
@@ -433,16 +454,16 @@ def publish(
 def publish_batch(
     service: Service,
     body: bytes,
-    authorization: str | None,
+    header: Callable[[str], str | None],
     done: Callable[[bytes | ApiError], None],
 ) -> int:
     """``POST /topics``: check and publish each item, then call *done* with
     ``{"results": [...]}`` (one result per item, in order). Returns the
-    number of items.
+    number of items. *header* as for `publish`.
 
     :raises ApiError: for a request refused as a whole.
     """
-    check_token(service.config.publish_token, authorization)
+    check_publisher(service, header)
     try:
         spans = object_spans(body)
     except JSONError as exc:

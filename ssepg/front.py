@@ -70,11 +70,14 @@ _REASONS = {
     204: "No Content",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    411: "Length Required",
     413: "Content Too Large",
     414: "URI Too Long",
+    415: "Unsupported Media Type",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -540,7 +543,7 @@ class _Connection(asyncio.Protocol):
                     self.service,
                     req.arg,
                     req.body,
-                    req.header("authorization"),
+                    req.header,
                     lambda result: self._finish(req, result),
                 )
             elif route == _BATCH and method == "POST":
@@ -548,7 +551,7 @@ class _Connection(asyncio.Protocol):
                 api.publish_batch(
                     self.service,
                     req.body,
-                    req.header("authorization"),
+                    req.header,
                     lambda result: self._finish(req, result),
                 )
             elif route == _HEALTH and method == "GET":

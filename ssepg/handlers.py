@@ -251,11 +251,7 @@ class TopicEventsHandler(_BodyLimitMixin):
         body = self.take_body()
         await self.settle(
             lambda done: api.publish(
-                self.service,
-                path,
-                body,
-                self.request.headers.get("Authorization"),
-                done,
+                self.service, path, body, self.request.headers.get, done
             )
         )
 
@@ -273,10 +269,10 @@ class BatchPublishHandler(_BodyLimitMixin):
 
     async def post(self) -> None:
         body = self.take_body()
-        authorization = self.request.headers.get("Authorization")
+        header = self.request.headers.get
 
         def start(done: Any) -> None:
-            count = api.publish_batch(self.service, body, authorization, done)
+            count = api.publish_batch(self.service, body, header, done)
             self._topic_label = f"{count} events"
 
         await self.settle(start)

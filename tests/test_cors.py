@@ -16,6 +16,7 @@ pytestmark = pytest.mark.both_servers
 
 APP = "http://app.example:8000"
 OTHER = "https://other.example"
+JSON_FROM_APP = {"Origin": APP, "Content-Type": "application/json"}
 
 
 def _cors(headers) -> dict[str, str]:
@@ -124,7 +125,7 @@ async def test_unlisted_origin_and_unconfigured_server_send_no_cors_headers(serv
             "POST",
             running.url(f"/topics/{topic}/events"),
             {"data": 1},
-            headers={"Origin": origin},
+            headers={"Origin": origin, "Content-Type": "application/json"},
         )
         assert posted.code == 200
         assert _cors(posted.headers) == {}
@@ -145,7 +146,7 @@ async def test_streams_publishes_and_errors_carry_cors_headers_for_a_listed_orig
         "POST",
         a.url(f"/topics/{topic}/events"),
         {"data": {"ok": True}},
-        headers={"Origin": APP, "Authorization": "Bearer pub-token"},
+        headers={**JSON_FROM_APP, "Authorization": "Bearer pub-token"},
     )
     assert posted.code == 200
     assert _cors(posted.headers)["access-control-allow-origin"] == APP
@@ -160,11 +161,65 @@ async def test_streams_publishes_and_errors_carry_cors_headers_for_a_listed_orig
             "POST",
             a.url(f"/topics/{topic}/events"),
             body,
-            headers={"Origin": APP, **headers},
+            headers={**JSON_FROM_APP, **headers},
         )
         assert failed.code == status
         assert _cors(failed.headers)["access-control-allow-origin"] == APP
         assert "error" in json.loads(failed.body)
+    stream.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_web_page_can_publish_only_a_body_declared_json(services):
+    # A page of any origin can send a form or text/plain body without a
+    # preflight; refused, it never reaches the broker. Clients that are not
+    # pages (no Origin) may send any content type, as curl -d does.
+    a = await services.start(cors_origins=(APP,))
+    topic = unique_topic()
+    stream = await subscribe(a, topic)
+    single = a.url(f"/topics/{topic}/events")
+    batch = a.url("/topics")
+    one = {"data": "page"}
+    many = {"events": [{"topic": topic, "data": "page"}]}
+    for origin in (OTHER, APP, "null"):
+        for content_type in (
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "",
+        ):
+            for url, body in ((single, one), (batch, many)):
+                headers = {"Origin": origin, "Content-Type": content_type}
+                refused = await http("POST", url, body, headers=headers)
+                assert refused.code == 415, (origin, content_type, url)
+                assert json.loads(refused.body) == {
+                    "error": "a publish from a web page must be application/json"
+                }
+    assert a.service.dispatcher.received == 0
+    accepted = []
+    for content_type in (
+        "application/json",
+        "Application/JSON; charset=utf-8",
+        "application/merge-patch+json",
+    ):
+        headers = {"Origin": OTHER, "Content-Type": content_type}
+        answer = await http("POST", single, {"data": content_type}, headers=headers)
+        assert answer.code == 200, content_type
+        accepted.append(content_type)
+    answer = await http(
+        "POST",
+        batch,
+        {"events": [{"topic": topic, "data": "batch"}]},
+        headers={"Origin": APP, "Content-Type": "application/json"},
+    )
+    assert json.loads(answer.body)["results"][0]["topic"] == topic
+    plain = await http(
+        "POST", single, {"data": "curl"}, headers={"Content-Type": "text/plain"}
+    )
+    assert plain.code == 200
+    events = await stream.wait_events(5)
+    assert [e.json for e in events] == [*accepted, "batch", "curl"]
     stream.close()
 
 
