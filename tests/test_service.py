@@ -309,6 +309,43 @@ async def test_attach_adds_routes_to_an_existing_application(services):
         await server.close_all_connections()
 
 
+class FormHandler(tornado.web.RequestHandler):
+    def post(self) -> None:
+        self.write({"posted": True})
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_routes_work_in_an_application_with_xsrf_cookies(services):
+    running = await services.start()
+    service = running.service
+    app = tornado.web.Application(
+        [(r"/form", FormHandler)], xsrf_cookies=True, cookie_secret="s"
+    )
+    service.attach(app)
+    server = tornado.httpserver.HTTPServer(app)
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    own = Running(service, sockets[0].getsockname()[1])
+    try:
+        # The application's own form keeps its guard ...
+        assert (await http("POST", own.url("/form"), b"a=1")).code == 403
+        # ... while an API client publishes without the cookie.
+        topic = unique_topic()
+        client = await subscribe(own, topic)
+        body = await publish(own, topic, "single")
+        batch = await http(
+            "POST", own.url("/topics"), {"events": [{"topic": topic, "data": "batch"}]}
+        )
+        assert batch.code == 200, batch.body
+        events = await client.wait_events(2)
+        assert [e.json for e in events] == ["single", "batch"]
+        assert events[0].id == body["id"]
+        client.close()
+    finally:
+        server.stop()
+        await server.close_all_connections()
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_publish_checks_its_arguments(services):
     running = await services.start(max_notify_bytes=256)
