@@ -637,8 +637,8 @@ class _Connection(asyncio.Protocol):
             access_log.log(
                 logging.INFO if status < 500 else logging.WARNING,
                 "%s %s %d %.3fs",
-                req.method,
-                req.path,
+                req.method or "-",  # a request line that could not be read
+                req.path or "-",
                 status,
                 time.monotonic() - req.started,
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 
 import psutil
@@ -430,3 +431,20 @@ async def test_a_closing_answer_still_leaving_is_never_cut_off(services, monkeyp
     assert json.loads(body)["status"] == "ok"
     assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""
     writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_unreadable_request_line_is_logged_with_placeholders(services, caplog):
+    caplog.set_level(logging.INFO, logger="ssepg.access")
+    running = await services.start()
+    reader, writer = await connect(running.port)
+    writer.write(b"\x01\x02 junk\r\n\r\n")
+    status, _, _ = await read_answer(reader)
+    assert status == 400
+    writer.close()
+    await wait_until(
+        lambda: any(r.name == "ssepg.access" for r in caplog.records),
+        message="access log line",
+    )
+    lines = [r.getMessage() for r in caplog.records if r.name == "ssepg.access"]
+    assert lines[-1].startswith("- - 400 "), lines
