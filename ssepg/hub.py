@@ -287,9 +287,11 @@ class Dispatcher:
         ch = t.channel
         if not (t.python_subs or t.multi_channels or (ch is not None and len(ch))):
             # Passive topic: nothing to send, the window is all it keeps.
+            # Events still queued when its last subscriber left count too.
+            n = ring.head - t.fanned
             t.fanned = ring.head
-            t.broadcast += 1
-            self.broadcast += 1
+            t.broadcast += n
+            self.broadcast += n
         elif not t.is_queued:
             t.is_queued = True
             self._shards[t.shard].append(t)

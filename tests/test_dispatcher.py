@@ -414,3 +414,24 @@ async def test_a_dropped_stream_logs_every_byte_left_unsent(
     finally:
         d.close()
         client.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_events_queued_when_the_last_stream_leaves_count_as_broadcast(dispatcher):
+    topic = unique_topic()
+    mine, client = socket.socketpair()
+    try:
+        sub = dispatcher.add_stream(mine, (topic,))
+        for n in range(5):
+            dispatcher.publish(topic, n)  # queued: the fan-out has not run yet
+        dispatcher.close_stream(sub)
+        dispatcher.publish(topic, 5)  # the topic is passive now
+        await wait_until(
+            lambda: dispatcher.stats()["totals"]["dispatch_depth"] == 0,
+            message="nothing left to fan out",
+        )
+        (entry,) = dispatcher.stats()["topics"]
+        assert (entry["published"], entry["broadcast"]) == (6, 6)
+        assert dispatcher.stats()["totals"]["broadcast"] == 6
+    finally:
+        client.close()
