@@ -395,7 +395,11 @@ class _Connection(asyncio.Protocol):
             # gets no more of the server's time.
             self.abort()
             return
-        req.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        # The parser leaves trailing whitespace on a value; it is not part
+        # of it (RFC 9110, 5.5).
+        req.headers.append(
+            (name.decode("latin-1").lower(), value.decode("latin-1").rstrip(" \t"))
+        )
 
     def on_headers_complete(self) -> None:
         req = self.current
@@ -419,10 +423,13 @@ class _Connection(asyncio.Protocol):
         if req.method == "CONNECT":
             return  # refused once complete (see data_received)
         codings = [v for k, v in req.headers if k == "transfer-encoding"]
-        if codings and ",".join(codings).replace(" ", "").lower() != "chunked":
+        if codings and (
+            version == "1.0" or ",".join(codings).replace(" ", "").lower() != "chunked"
+        ):
             # Only a plain chunked body is understood; a body in a coding
             # ssepg cannot undo (or one it is asked to ignore) is refused
-            # rather than read as something else.
+            # rather than read as something else. HTTP/1.0 has no transfer
+            # codings: its framing is faulty (RFC 9112, 6.1).
             req.route = _BAD_CODING
             req.keep_alive = False
             return

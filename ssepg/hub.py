@@ -936,6 +936,7 @@ class Dispatcher:
         if self._park_timer is not None:
             self._park_timer.cancel()
             self._park_timer = None
+        self._slow_log.report()
 
 
 def _gseq_of(m: Message) -> int:

@@ -32,6 +32,8 @@ from .service import Service, bound_port
 __all__ = ["main", "serve", "build_parser"]
 
 DEFAULT_PORT = 8080
+LOOPS = ("auto", "uvloop", "asyncio")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 RouteFactory = Callable[[Service], list[Any]]
 
 
@@ -82,14 +84,14 @@ def build_parser(prog: str = "ssepg") -> argparse.ArgumentParser:
     parser.add_argument(
         "--loop",
         default=env.get("SSEPG_LOOP", "auto"),
-        choices=["auto", "uvloop", "asyncio"],
+        choices=LOOPS,
         help="event loop: uvloop when installed (auto), or asyncio's own "
         "(SSEPG_LOOP, default auto)",
     )
     parser.add_argument(
         "--log-level",
         default=env.get("SSEPG_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
+        choices=LOG_LEVELS,
         help="logging level (SSEPG_LOG_LEVEL, default info)",
     )
     Config.add_arguments(parser)
@@ -106,6 +108,14 @@ def main(
     status. *extra_routes* adds handlers (the example's live page)."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    # argparse checks choices on the command line only, not on defaults
+    # taken from the environment.
+    for name, value, choices in (
+        ("SSEPG_LOG_LEVEL", args.log_level, LOG_LEVELS),
+        ("SSEPG_LOOP", args.loop, LOOPS),
+    ):
+        if value not in choices:
+            parser.error(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -206,7 +216,7 @@ async def serve(
         raise
     http_log.info(
         "listening on http://%s:%d (pid %d, %s loop)",
-        host or "0.0.0.0",
+        f"[{host}]" if ":" in host else host or "0.0.0.0",
         bound_port(server),
         os.getpid(),
         type(asyncio.get_running_loop()).__module__.split(".")[0],

@@ -389,6 +389,13 @@ CASES: list[Case] = [
         BAD_REQUEST,
     ),
     Case(
+        "HTTP/1.0 with a chunked body (no transfer codings in HTTP/1.0)",
+        b"POST /topics/t/events HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b'Connection: keep-alive\r\n\r\na\r\n{"data":1}\r\n0\r\n\r\n',
+        400,
+        BAD_REQUEST,
+    ),
+    Case(
         "CONNECT to a topic path",
         b"CONNECT /topics/t/events HTTP/1.1\r\nHost: x\r\n\r\n",
         400,

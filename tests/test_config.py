@@ -569,6 +569,9 @@ async def test_every_field_reaches_the_part_that_acts_on_it(pg_dsn):
         (["--port", "http"], {}, "argument --port: must be a TCP port (0-65535)"),
         ([], {"SSEPG_PORT": "70000"}, "argument --port: must be a TCP port"),
         ([], {"SSEPG_PROCESSES": "two"}, "argument --processes: must be an integer"),
+        ([], {"SSEPG_LOG_LEVEL": "loud"}, "SSEPG_LOG_LEVEL: must be one of debug,"),
+        ([], {"SSEPG_LOG_LEVEL": ""}, "SSEPG_LOG_LEVEL: must be one of debug,"),
+        ([], {"SSEPG_LOOP": "trio"}, "SSEPG_LOOP: must be one of auto, uvloop,"),
         (
             ["--port", "0", "--processes", "2"],
             {"DATABASE_URL": "postgresql://db/x"},

@@ -16,7 +16,7 @@ import tornado.web
 
 from ssepg import front as front_module
 
-from support import DEADLINE_S, http, unique_topic, wait_until
+from support import DEADLINE_S, http, publish, unique_topic, wait_until
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -448,3 +448,24 @@ async def test_an_unreadable_request_line_is_logged_with_placeholders(services, 
     )
     lines = [r.getMessage() for r in caplog.records if r.name == "ssepg.access"]
     assert lines[-1].startswith("- - 400 "), lines
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_trailing_whitespace_is_not_part_of_a_header_value(services):
+    running = await services.start(cors_origins=("https://app.example",))
+    topic = unique_topic()
+    first = (await publish(running, topic, 1))["id"]
+    await publish(running, topic, 2)
+    reader, writer = await connect(running.port)
+    writer.write(
+        f"GET /topics/{topic}/events HTTP/1.1\r\nHost: x\r\n"
+        f"Last-Event-ID: {first} \t\r\nOrigin: https://app.example  \r\n\r\n".encode()
+    )
+    status, headers, _ = await read_answer(reader)
+    assert status == 200
+    assert headers.get("access-control-allow-origin") == "https://app.example"
+    seen = b""
+    while b"data: 2" not in seen:
+        seen += await asyncio.wait_for(reader.read(65536), DEADLINE_S)
+    assert b"ssepg-reset" not in seen and b"data: 1\n" not in seen
+    writer.close()
