@@ -57,7 +57,9 @@ SWEEP_INTERVAL_S = 10.0
 
 _TOPIC, _BATCH, _HEALTH, _METRICS, _OTHER = range(5)
 # Requests refused before routing.
-_BAD_URL, _URI_TOO_LONG, _BAD_VERSION, _UPGRADE, _BAD_CODING = -1, -2, -3, -4, -5
+_BAD_URL, _URI_TOO_LONG, _BAD_VERSION, _UPGRADE, _BAD_CODING, _BAD_HOST = range(
+    -1, -7, -1
+)
 _ALLOW = {
     _TOPIC: api.ALLOW_TOPIC,
     _BATCH: api.ALLOW_BATCH,
@@ -422,7 +424,13 @@ class _Connection(asyncio.Protocol):
             return
         if req.method == "CONNECT":
             return  # refused once complete (see data_received)
-        codings = [v for k, v in req.headers if k == "transfer-encoding"]
+        hosts = 0
+        codings = []
+        for key, value in req.headers:
+            if key == "host":
+                hosts += 1
+            elif key == "transfer-encoding":
+                codings.append(value)
         if codings and (
             version == "1.0" or ",".join(codings).replace(" ", "").lower() != "chunked"
         ):
@@ -432,6 +440,10 @@ class _Connection(asyncio.Protocol):
             # codings: its framing is faulty (RFC 9112, 6.1).
             req.route = _BAD_CODING
             req.keep_alive = False
+            return
+        if hosts != 1 and version == "1.1":
+            # RFC 9112, 3.2: exactly one Host header in an HTTP/1.1 request.
+            req.route = _BAD_HOST
             return
         try:
             url = httptools.parse_url(req.url)
@@ -520,6 +532,8 @@ class _Connection(asyncio.Protocol):
                 )
             if route == _BAD_VERSION:
                 raise ApiError(505, "http version not supported")
+            if route == _BAD_HOST:
+                raise ApiError(400, "an HTTP/1.1 request needs one host header")
             if route == _UPGRADE:
                 raise ApiError(400, "protocol upgrades are not supported")
             if route < 0:

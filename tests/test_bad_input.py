@@ -396,6 +396,24 @@ CASES: list[Case] = [
         BAD_REQUEST,
     ),
     Case(
+        "HTTP/1.1 without Host",
+        b"GET /healthz HTTP/1.1\r\nAccept: */*\r\n\r\n",
+        400,
+        {"error": "an HTTP/1.1 request needs one host header"},
+    ),
+    Case(
+        "HTTP/1.1 with two Host headers",
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        400,
+        {"error": "an HTTP/1.1 request needs one host header"},
+    ),
+    Case(
+        "HTTP/1.0 without Host is fine",
+        b"GET /healthz HTTP/1.0\r\n\r\n",
+        200,
+        lambda ctx, body: body.get("status") == "ok",
+    ),
+    Case(
         "CONNECT to a topic path",
         b"CONNECT /topics/t/events HTTP/1.1\r\nHost: x\r\n\r\n",
         400,
