@@ -411,7 +411,9 @@ def check_publisher(service: Service, header: Callable[[str], str | None]) -> No
         return
     media = (header("content-type") or "").partition(";")[0].strip().lower()
     if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json")
+        media.startswith("application/")
+        and media.endswith("+json")
+        and len(media) > len("application/+json")
     ):
         raise ApiError(415, "a publish from a web page must be application/json")
 

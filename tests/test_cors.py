@@ -187,6 +187,7 @@ async def test_a_web_page_can_publish_only_a_body_declared_json(services):
             "text/plain; charset=utf-8",
             "application/x-www-form-urlencoded",
             "multipart/form-data; boundary=x",
+            "application/+json",
             "",
         ):
             for url, body in ((single, one), (batch, many)):
