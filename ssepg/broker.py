@@ -590,6 +590,7 @@ class PostgresBroker(Broker):
                 with contextlib.suppress(BaseException):
                     await task
         await self.monitor.close()
+        self.bad_envelope_log.report()
 
 
 def validate_envelope_size(envelope: bytes, limit: int) -> None:

@@ -489,6 +489,7 @@ class Publisher:
         self.is_connected = False
 
     async def close(self) -> None:
+        self._log.report()
         for _, _, fut, _, _ in self._pending:
             if not fut.done():
                 fut.set_exception(BrokerError("broker is closing"))
