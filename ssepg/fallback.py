@@ -1,6 +1,7 @@
 """Requests the front does not answer itself go to a Tornado application:
-`TornadoConnection` is what such an application writes its answer to, with
-HTTP/1.1 framing onto the front's connection."""
+`hand_over` runs the application on one, and `TornadoConnection` is what
+the application writes its answer to, with HTTP/1.1 framing onto the
+front's connection."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import tornado.httputil
+import tornado.web
 
 from .log import http_log
 
@@ -94,6 +96,29 @@ class TornadoConnection(tornado.httputil.HTTPConnection):
         if self._chunked and not self._no_body:
             self._write(b"0\r\n\r\n")
         self.owner.fallback_done(self._keep_alive)
+
+
+async def hand_over(
+    app: tornado.web.Application, owner: _Connection, req: _Request
+) -> None:
+    """Run *app* on *req*, a request read in full by *owner*: its answer
+    goes out through a `TornadoConnection`."""
+    conn = TornadoConnection(owner, req)
+    delegate = app.start_request(owner, conn)
+    headers = tornado.httputil.HTTPHeaders()
+    for name, value in req.headers:
+        headers.add(name, value)
+    start_line = tornado.httputil.RequestStartLine(
+        req.method, req.url.decode("latin-1"), req.version
+    )
+    started = delegate.headers_received(start_line, headers)
+    if started is not None:
+        await started
+    if req.chunks:
+        received = delegate.data_received(req.body)
+        if received is not None:
+            await received
+    delegate.finish()
 
 
 def log_failure(task: asyncio.Task[None]) -> None:

@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
 import httptools
-import tornado.httputil
 import tornado.netutil
 import tornado.web
 
 from . import api
 from .api import ApiError
-from .fallback import TornadoConnection, log_failure
+from .fallback import hand_over, log_failure
 from .log import access_log, http_log
 
 if TYPE_CHECKING:
@@ -748,31 +747,8 @@ class _Connection(asyncio.Protocol):
         if app is None:
             raise ApiError(404, "not found")
         self.busy = True
-        conn = TornadoConnection(self, req)
-        delegate = app.start_request(self, conn)
-        task = asyncio.ensure_future(self._run_tornado(req, delegate, conn))
+        task = asyncio.ensure_future(hand_over(app, self, req))
         task.add_done_callback(log_failure)
-
-    async def _run_tornado(
-        self,
-        req: _Request,
-        delegate: tornado.httputil.HTTPMessageDelegate,
-        conn: TornadoConnection,
-    ) -> None:
-        headers = tornado.httputil.HTTPHeaders()
-        for name, value in req.headers:
-            headers.add(name, value)
-        start_line = tornado.httputil.RequestStartLine(
-            req.method, req.url.decode("latin-1"), req.version
-        )
-        started = delegate.headers_received(start_line, headers)
-        if started is not None:
-            await started
-        if req.chunks:
-            received = delegate.data_received(req.body)
-            if received is not None:
-                await received
-        delegate.finish()
 
     def fallback_done(self, keep_alive: bool) -> None:
         self._close_callback = None
