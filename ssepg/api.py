@@ -445,8 +445,13 @@ def publish(
     if confirmed is None:
         done(_publish_answer(topic, event_id, data))
         return
+    # The caller holds fan-outs back for this event (Dispatcher.hold): once
+    # it is heard back they may go, without waiting for the confirmation.
+    dispatcher = service.dispatcher
+    dispatcher.expect(event_id)
 
     def settled(fut: asyncio.Future[None]) -> None:
+        dispatcher.settle(event_id)
         exc = fut.exception()
         done(_publish_failure(exc) if exc else _publish_answer(topic, event_id, data))
 

@@ -346,6 +346,7 @@ class _Listener:
                     self._held.append((n.relname, n.extra))
                 else:
                     self._on_notify(n.relname, n.extra)
+            self._broker.dispatcher.fan_out_now()
         except psycopg.Error as exc:
             self._lose(f"connection lost: {_describe(exc)}")
 

@@ -179,14 +179,22 @@ class Dispatcher:
             collections.deque() for _ in range(fanout_shards)
         ]
         self._shard_scheduled = [False] * fanout_shards
+        # The drains due on the next loop turn, which `fan_out_now` may run
+        # before it.
+        self._due: list[asyncio.Handle | None] = [None] * fanout_shards
         # When each shard's next fan-out may start (PACE_MIN_S).
         self._shard_ready_at = [0.0] * fanout_shards
         self._groups: dict[tuple[str, ...], Channel] = {}
         self._multi_queue: collections.deque[Message] = collections.deque()
         self._multi_scheduled = False
+        self._multi_due: asyncio.Handle | None = None
         self._channels: set[Channel] = set()
         self._streams: set[Subscriber] = set()
         self._holds = 0
+        # Events of held publishes not heard back yet, and how many of the
+        # holds are for events already heard (they no longer hold anything).
+        self._expected: set[str] = set()
+        self._heard_early = 0
         self._waiting_since: float | None = None
         self._parked: list[tuple[Callable[..., None], tuple[object, ...]]] = []
         self._park_timer: asyncio.TimerHandle | None = None
@@ -282,6 +290,9 @@ class Dispatcher:
             t.ring_overwrites += 1
             self.ring_overwrites += 1
         self._index[event_id] = msg
+        if self._expected and event_id in self._expected:
+            self._expected.discard(event_id)
+            self._heard_early += 1
         self.received += 1
         t.last_activity = _monotonic()
         ch = t.channel
@@ -302,7 +313,7 @@ class Dispatcher:
             self._multi_queue.append(msg)
             if not self._multi_scheduled:
                 self._multi_scheduled = True
-                self.loop.call_soon(self._drain_multi)
+                self._multi_due = self.loop.call_soon(self._drain_multi)
         return msg
 
     def _create_topic(self, name: str) -> Topic:
@@ -344,11 +355,26 @@ class Dispatcher:
     def release(self) -> None:
         """The event announced by `hold` was ingested, or will not come."""
         self._holds -= 1
-        if not self._holds and self._parked:
+        if self._parked and self._holds <= self._heard_early:
             self._unpark()
 
+    def expect(self, event_id: str) -> None:
+        """Name the event a held publish sent to the broker. Once it is
+        heard back, its hold no longer keeps fan-outs waiting, although the
+        publish may wait a little longer for the broker's confirmation.
+        Call while holding; pair with `settle` before the `release`."""
+        self._expected.add(event_id)
+
+    def settle(self, event_id: str) -> None:
+        """The publish of *event_id* (see `expect`) is over: confirmed or
+        failed."""
+        if event_id in self._expected:
+            self._expected.discard(event_id)
+        else:
+            self._heard_early -= 1
+
     def _should_wait(self) -> bool:
-        if not self._holds:
+        if self._holds <= self._heard_early:
             return False
         now = self.loop.time()
         if self._waiting_since is None:
@@ -367,7 +393,7 @@ class Dispatcher:
                 self._waiting_since + MAX_COALESCE_S, self._unpark
             )
 
-    def _unpark(self) -> None:
+    def _unpark(self, now: bool = False) -> None:
         if self._park_timer is not None:
             self._park_timer.cancel()
             self._park_timer = None
@@ -377,7 +403,28 @@ class Dispatcher:
         self._waiting_since = None
         parked, self._parked = self._parked, []
         for drain, args in parked:
-            self.loop.call_soon(drain, *args)
+            if now:
+                drain(*args)
+            else:
+                self.loop.call_soon(drain, *args)
+
+    def fan_out_now(self) -> None:
+        """Run now the fan-outs due on the next loop turn, and those waiting
+        for held events that have all been heard meanwhile. For the broker,
+        once it has ingested what it read: nothing else can join those
+        fan-outs before the next turn, so waiting for it only adds latency."""
+        if self._parked and self._holds <= self._heard_early:
+            self._unpark(now=True)
+        due = self._due
+        for index in range(len(due)):
+            handle = due[index]
+            if handle is not None:
+                handle.cancel()
+                self._drain_shard(index)
+        handle = self._multi_due
+        if handle is not None:
+            handle.cancel()
+            self._drain_multi()
 
     def _schedule_drain(self, index: int) -> None:
         ready_at = self._shard_ready_at[index]
@@ -386,9 +433,10 @@ class Dispatcher:
             if delay > 0:
                 self.loop.call_later(delay, self._drain_shard, index)
                 return
-        self.loop.call_soon(self._drain_shard, index)
+        self._due[index] = self.loop.call_soon(self._drain_shard, index)
 
     def _drain_shard(self, index: int, waited: bool = False) -> None:
+        self._due[index] = None
         if not waited and self._should_wait():
             self._park(self._drain_shard, index)
             return
@@ -419,6 +467,7 @@ class Dispatcher:
             self._schedule_drain(index)
 
     def _drain_multi(self, waited: bool = False) -> None:
+        self._multi_due = None
         if not waited and self._should_wait():
             self._park(self._drain_multi)
             return
@@ -427,7 +476,7 @@ class Dispatcher:
         self._settle()
         if self._multi_queue and not self._multi_scheduled:
             self._multi_scheduled = True
-            self.loop.call_soon(self._drain_multi)
+            self._multi_due = self.loop.call_soon(self._drain_multi)
 
     def _fan_multi(self) -> None:
         # One step of the multi-topic fan-out: events in arrival order, each
@@ -458,6 +507,10 @@ class Dispatcher:
     def flush(self) -> None:
         """Fan out everything queued now, without waiting for the IOLoop."""
         for index, queue in enumerate(self._shards):
+            handle = self._due[index]
+            if handle is not None:
+                handle.cancel()
+                self._due[index] = None
             while queue:
                 t = queue.popleft()
                 while t.fanned < t.ring.head:

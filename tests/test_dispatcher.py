@@ -376,6 +376,59 @@ async def test_a_held_fan_out_waits_once_for_every_shard(io_loop):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_held_publish_whose_event_was_heard_holds_nothing_back(
+    io_loop, monkeypatch
+):
+    # A publish waiting for its broker's confirmation keeps fan-outs waiting
+    # only until its own event is heard back; another held publish whose
+    # event is still on its way keeps them waiting.
+    monkeypatch.setattr(hub_module, "MAX_COALESCE_S", 3600.0)  # no timer ends it
+    d = Dispatcher(fanout_shards=2)
+    try:
+        topic = unique_topic()
+        sub = d.subscribe(topic)
+        first, second = d.next_id(), d.next_id()
+        for event_id in (first, second):
+            d.hold()
+            d.expect(event_id)
+        d.ingest(topic, first, "message", b"1")
+        d.fan_out_now()
+        assert not sub._queue, "fanned out while an event was still on its way"
+        d.ingest(topic, second, "message", b"2")
+        d.fan_out_now()
+        # Both left at once, before either publish was confirmed.
+        assert [m.id for m in sub._queue] == [first, second]
+        for event_id in (first, second):
+            d.settle(event_id)
+            d.release()
+        assert (d._holds, d._heard_early, d._expected) == (0, 0, set())
+        assert [e.data for e in await take(sub, 2)] == [1, 2]
+    finally:
+        d.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_publish_confirmed_before_its_event_is_heard_leaves_no_trace(
+    dispatcher,
+):
+    topic = unique_topic()
+    sub = dispatcher.subscribe(topic)
+    event_id = dispatcher.next_id()
+    dispatcher.hold()
+    dispatcher.expect(event_id)
+    dispatcher.settle(event_id)
+    dispatcher.release()
+    dispatcher.ingest(topic, event_id, "message", b"3")
+    assert (dispatcher._holds, dispatcher._heard_early) == (0, 0)
+    assert not dispatcher._expected
+    assert [e.data for e in await take(sub, 1)] == [3]
+    # Nothing holds a later fan-out back.
+    dispatcher.publish(topic, 4)
+    dispatcher.fan_out_now()
+    assert [m.data for m in sub._queue] == [b"4"]
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_an_empty_last_event_id_is_no_id(dispatcher):
     topic = unique_topic()
     dispatcher.publish(topic, 0)
