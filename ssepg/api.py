@@ -139,17 +139,17 @@ def parse_topics(path: str) -> tuple[str, ...]:
 
     :raises ApiError: 400 on an invalid id or too many topics.
     """
-    names = path.split(",")
-    if len(names) > MAX_TOPICS_PER_STREAM:
-        raise ApiError(400, f"too many topics (limit {MAX_TOPICS_PER_STREAM})")
     topics: list[str] = []
-    for name in names:
+    # The request target's size limit bounds the number of names.
+    for name in path.split(","):
         try:
             topic = normalize_topic(name)
         except InvalidTopic:
             raise ApiError(400, "invalid topic") from None
         if topic not in topics:
             topics.append(topic)
+            if len(topics) > MAX_TOPICS_PER_STREAM:
+                raise ApiError(400, f"too many topics (limit {MAX_TOPICS_PER_STREAM})")
     return tuple(topics)
 
 

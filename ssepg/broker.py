@@ -182,18 +182,25 @@ class _Monitor:
 
     async def _execute(self, query: str, params: tuple[Any, ...] = ()) -> Any:
         async with self._lock:
-            if self._conn is None or self._conn.closed:
-                self._conn = await _connect(self._dsn)
-            conn = self._conn
-            try:
-                cur = await _bounded(
-                    conn, conn.execute(query, params), STATEMENT_TIMEOUT_S
-                )
-                return await cur.fetchone()
-            except (psycopg.OperationalError, TimeoutError):
-                self._conn = None
-                await _close_quietly(conn)
-                raise
+            while True:
+                is_new = self._conn is None or self._conn.closed
+                if is_new:
+                    self._conn = await _connect(self._dsn)
+                conn = self._conn
+                assert conn is not None
+                try:
+                    cur = await _bounded(
+                        conn, conn.execute(query, params), STATEMENT_TIMEOUT_S
+                    )
+                    return await cur.fetchone()
+                except (psycopg.OperationalError, TimeoutError) as exc:
+                    self._conn = None
+                    await _close_quietly(conn)
+                    # A connection that died while idle (Postgres restarted,
+                    # its backend terminated) is only found out now: once
+                    # more on a new one. A timeout means the path itself.
+                    if is_new or isinstance(exc, TimeoutError):
+                        raise
 
     async def notify(self, channel: str, payload: str) -> None:
         await self._execute("SELECT pg_notify(%s, %s)", (channel, payload))

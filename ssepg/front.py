@@ -41,7 +41,8 @@ __all__ = ["Front"]
 # Header blocks past this are not read at all: the connection is closed.
 HARD_HEADER_BYTES = 64 * 1024
 # The most one read hands over (asyncio and uvloop read 256 KiB at a time):
-# a head is cut off at most this far past the hard limit.
+# a head whose line does not end is cut off once this much more than the
+# hard limit has arrived (a head within the limit never comes that far).
 MAX_READ_BYTES = 256 * 1024
 # Bodies of requests handed to a Tornado application are buffered up to this.
 MAX_FALLBACK_BODY_BYTES = 16 << 20
@@ -300,7 +301,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.front._connections.discard(self)
-        self._release_hold()
+        # A publish that is under way keeps its hold until it is over
+        # (`_finish` comes then, client or not): its event may still come.
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
@@ -354,11 +356,14 @@ class _Connection(asyncio.Protocol):
         req = self.current
         if req is not None and not req.head_done and not self.closing:
             # The parser keeps a header line until it ends, so its size is
-            # only seen here: a chunk that began and ended inside one head
-            # was all head. Past the hard limit the client is answered and
-            # dropped instead of buffered further.
-            self._head_bytes = self._head_bytes + len(data) if inside_head else 0
-            if self._head_bytes + len(req.url) > HARD_HEADER_BYTES + MAX_READ_BYTES:
+            # only seen here, counted from the read in which the head began
+            # (the bytes of that read before it do not reach the limit on
+            # their own). Past the limit the client is answered and dropped
+            # instead of buffered further.
+            self._head_bytes = (
+                self._head_bytes + len(data) if inside_head else len(data)
+            )
+            if self._head_bytes > HARD_HEADER_BYTES + MAX_READ_BYTES:
                 if self.parser.get_http_version() == "0.0":
                     # Still in the request line.
                     self._fail(414, "uri too long")

@@ -123,17 +123,6 @@ class _BaseHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(body)
 
-    async def settle(self, start: Any) -> None:
-        """Run an `api` publish call and answer with what it reports."""
-        fut: asyncio.Future[bytes | ApiError] = (
-            asyncio.get_running_loop().create_future()
-        )
-        start(fut.set_result)
-        result = await fut
-        if isinstance(result, ApiError):
-            raise result
-        self.answer(result)
-
 
 class _BodyLimitMixin(_BaseHandler):
     """Reads the request body in chunks and answers 413 as soon as it passes
@@ -145,6 +134,7 @@ class _BodyLimitMixin(_BaseHandler):
         self._body_size = 0
         self._too_large = False
         self._holding = False
+        self._publishing = False
         self._expected = -1
         if self.request.method != "POST":
             return
@@ -183,6 +173,23 @@ class _BodyLimitMixin(_BaseHandler):
             self._holding = True
             self.service.dispatcher.hold()
 
+    async def settle(self, start: Any) -> None:
+        """Run an `api` publish call and answer with what it reports. The
+        hold lasts until the publish is over, even if the client left."""
+        fut: asyncio.Future[bytes | ApiError] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._publishing = True
+        try:
+            start(fut.set_result)
+            result = await fut
+        finally:
+            self._publishing = False
+        self._stop_holding()
+        if isinstance(result, ApiError):
+            raise result
+        self.answer(result)
+
     def _stop_holding(self) -> None:
         if getattr(self, "_holding", False):
             self._holding = False
@@ -193,7 +200,10 @@ class _BodyLimitMixin(_BaseHandler):
         super().on_finish()
 
     def on_connection_close(self) -> None:
-        self._stop_holding()
+        # A publish under way keeps its hold until it is over (see `settle`):
+        # its event may still come.
+        if not getattr(self, "_publishing", False):
+            self._stop_holding()
         super().on_connection_close()
 
     def take_body(self) -> bytes:

@@ -215,6 +215,7 @@ class Dispatcher:
         self.broadcast = 0
         self.dropped_clients = 0
         self.ring_overwrites = 0
+        self.duplicates = 0
         self.python_delivered = 0
         self.removed_topics = 0
         self.multi_delivered_retired = 0
@@ -270,8 +271,14 @@ class Dispatcher:
         """Take one event heard from the broker, in arrival order.
 
         *topic*, *event_id* and *event* must be valid (the broker checks
-        envelopes) and *data* compact JSON.
+        envelopes) and *data* compact JSON. An event whose id is still in
+        a window is a copy and is dropped: a publish retried after its
+        connection was lost may have been committed the first time too.
         """
+        first = self._index.get(event_id)
+        if first is not None:
+            self.duplicates += 1
+            return first
         t = self.topics.get(topic)
         if t is None:
             t = self._create_topic(topic)
@@ -959,6 +966,7 @@ class Dispatcher:
             + self.delivered_retired,
             "dropped_clients": self.dropped_clients,
             "ring_overwrites": self.ring_overwrites,
+            "duplicates": self.duplicates,
             "total_memory_usage_bytes": sum(x["memory_usage_bytes"] for x in topics),
             "idle_topics": sum(1 for x in topics if x["is_idle"]),
             "removed_topics": self.removed_topics,

@@ -187,6 +187,12 @@ class _ServiceCollector(Collector):
             totals["ring_overwrites"],
         )
         yield counter(
+            "ssepg_duplicate_events",
+            "Copies of events already heard, dropped (a publish retried after "
+            "its connection was lost may commit twice).",
+            totals["duplicates"],
+        )
+        yield counter(
             "ssepg_removed_topics",
             "Idle topics removed by the memory cleanup.",
             totals["removed_topics"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -95,14 +96,28 @@ class _Share:
 _Item = tuple[str, bytes, _Waiter, float, str]
 
 
-def _batch_json(batch: list[_Item]) -> bytes:
-    # A batch travels as one json parameter, [[channel, envelope], ...]:
-    # Postgres' json type keeps each element's text byte for byte, and
-    # building it is one bytes join here, where a text[] parameter would be
-    # escaped item by item. Channel names are ASCII from a fixed pattern and
-    # envelopes are valid JSON, so the array needs no escaping.
-    parts = [b'["' + c.encode("ascii") + b'",' + p + b"]" for c, p, _, _, _ in batch]
-    return b"[" + b",".join(parts) + b"]"
+_TEXT_OID = 25
+_ARRAY_HEAD = struct.Struct("!iiIii")
+_LENGTH = struct.Struct("!i")
+
+
+def _text_array(items: list[bytes]) -> bytes:
+    # A text[] in Postgres' binary format: one dimension, no NULLs, then
+    # each element's length and bytes. The bytes reach pg_notify as they
+    # are, with no quoting to add here nor JSON parsing there (Postgres'
+    # json operators refuse what JSON allows, such as a lone "\ud800").
+    pack = _LENGTH.pack
+    return _ARRAY_HEAD.pack(1, 0, _TEXT_OID, len(items), 1) + b"".join(
+        [pack(len(item)) + item for item in items]
+    )
+
+
+def _batch_params(batch: list[_Item]) -> list[bytes]:
+    """The channels and the envelopes of *batch*, as two binary text[]."""
+    return [
+        _text_array([c.encode("ascii") for c, _, _, _, _ in batch]),
+        _text_array([p for _, p, _, _, _ in batch]),
+    ]
 
 
 class _StatementRefused(Exception):
@@ -145,8 +160,8 @@ class _PublishConnection:
         try:
             for statement in (
                 "PREPARE ssepg_notify_one(text, text) AS SELECT pg_notify($1, $2)",
-                "PREPARE ssepg_notify_many(json) AS SELECT count(pg_notify(e->>0, "
-                "(e->1)::text)) FROM json_array_elements($1) AS e",
+                "PREPARE ssepg_notify_many(text[], text[]) AS SELECT "
+                "count(pg_notify(c, p)) FROM unnest($1, $2) AS t(c, p)",
             ):
                 await _bounded(conn, conn.execute(statement), STATEMENT_TIMEOUT_S)
         except BaseException:
@@ -158,8 +173,15 @@ class _PublishConnection:
     def is_usable(self) -> bool:
         return not self.is_broken and not self.conn.closed
 
-    async def run(self, name: bytes, params: list[bytes], timeout: float) -> None:
-        """Execute the prepared statement *name* with text *params*.
+    async def run(
+        self,
+        name: bytes,
+        params: list[bytes],
+        timeout: float,
+        formats: list[int] | None = None,
+    ) -> None:
+        """Execute the prepared statement *name* with *params*, in text
+        format unless *formats* says otherwise (1 for binary), one each.
 
         :raises _StatementRefused: Postgres refused it for what it holds.
         :raises OSError: the connection failed (it is unusable from then on).
@@ -171,7 +193,7 @@ class _PublishConnection:
         waiter = self._waiter = self._loop.create_future()
         timer = self._loop.call_later(timeout, self._time_out, timeout)
         try:
-            pg.send_query_prepared(name, params)
+            pg.send_query_prepared(name, params, param_formats=formats)
             self._flush()
             await waiter
         except psycopg.Error as exc:
@@ -424,7 +446,7 @@ class Publisher:
                     channel, payload = batch[0][0], batch[0][1]
                     await pc.run(pc.ONE, [channel.encode("ascii"), payload], timeout)
                 else:
-                    await pc.run(pc.MANY, [_batch_json(batch)], timeout)
+                    await pc.run(pc.MANY, _batch_params(batch), timeout, [1, 1])
             except _StatementRefused:
                 # Refused by Postgres for what an event holds: the connection
                 # is fine, so find the culprit by sending each one alone.
@@ -462,7 +484,7 @@ class Publisher:
 
     async def _send_each(self, slot: int, batch: list[_Item]) -> None:
         timeout = self._broker.config.publish_timeout
-        for channel, payload, fut, _, topic in batch:
+        for channel, payload, fut, deadline, topic in batch:
             pc = self._conns[slot]
             if fut.done():
                 continue
@@ -477,7 +499,7 @@ class Publisher:
                 await self._drop(slot)
                 fut.set_exception(BrokerError(f"publish failed: {_describe(exc)}"))
             else:
-                self._confirm([(channel, payload, fut, 0.0, topic)])
+                self._confirm([(channel, payload, fut, deadline, topic)])
 
     def drop_connections(self) -> None:
         """Shut every publish connection down: a statement in flight fails at

@@ -488,3 +488,18 @@ async def test_events_queued_when_the_last_stream_leaves_count_as_broadcast(disp
         assert dispatcher.stats()["totals"]["broadcast"] == 6
     finally:
         client.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_copy_of_an_event_still_in_its_window_is_dropped(dispatcher):
+    # A publish retried after its connection was lost may have committed the
+    # first time as well: the second copy carries the same id.
+    topic = unique_topic()
+    sub = dispatcher.subscribe(topic)
+    event_id = dispatcher.next_id()
+    first = dispatcher.ingest(topic, event_id, "message", b'"once"')
+    assert dispatcher.ingest(topic, event_id, "message", b'"once"') is first
+    dispatcher.publish(topic, "next")
+    assert [e.data for e in await take(sub, 2)] == ["once", "next"]
+    totals = dispatcher.stats()["totals"]
+    assert (totals["duplicates"], totals["received"], totals["broadcast"]) == (1, 2, 2)

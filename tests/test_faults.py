@@ -22,9 +22,11 @@ from ssepg import broker as broker_module
 from ssepg import hub as hub_module
 from ssepg import pgconn
 from ssepg import publisher as publisher_module
+from ssepg.service import bound_port
 
 from relay import Relay
 from support import (
+    DEADLINE_S,
     SSEClient,
     SSEEvent,
     http,
@@ -832,3 +834,189 @@ async def test_idle_publish_connection_killed_stops_watching_its_socket(
     assert calls == seen
     assert publisher._conns[0] is not pc
     reader.close()
+
+
+# Duplicates, refusals, clients leaving a publish -------------------------------
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_notification_sent_twice_reaches_subscribers_once(services, pg_dsn):
+    # What a publish retried after a lost answer looks like on the wire: the
+    # same envelope committed twice. Every instance delivers it once.
+    a = await services.start(dsn=pg_dsn)
+    b = await services.start(dsn=pg_dsn)
+    topic = unique_topic()
+    clients = [await subscribe(a, topic), await subscribe(b, topic)]
+    event_id = "retried-1"
+    envelope = json.dumps({"topic": topic, "data": "once", "id": event_id})
+    channel = broker_module.channel_for(topic, a.service.config.notify_shards)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for _ in range(2):
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, envelope))
+    after = await publish(a, topic, "after")
+    for client in clients:
+        events = await client.wait_events(2)
+        assert [(e.id, e.json) for e in events] == [
+            (event_id, "once"),
+            (after["id"], "after"),
+        ]
+        client.close()
+    for running in (a, b):
+        code, report = await health(running)
+        assert report["totals"]["duplicates"] == 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_batch_with_a_lone_surrogate_goes_out_in_one_statement(
+    services, pg_dsn
+):
+    # JSON allows a lone "\ud800" escape, which Postgres' json operators
+    # refuse: a batch carrying one must not be refused as a whole (and sent
+    # again event by event).
+    running = await services.start(dsn=pg_dsn)
+    publisher = running.service.broker._publisher
+    topic = unique_topic()
+    client = await subscribe(running, topic)
+    before = publisher.batches
+    items = [{"topic": topic, "data": "SURROGATE"}, {"topic": topic, "data": 2}]
+    body = json.dumps({"events": items}).replace("SURROGATE", "\\ud800")
+    response = await http("POST", running.url("/topics"), body.encode())
+    assert response.code == 200, response.body
+    results = json.loads(response.body)["results"]
+    assert all("id" in r for r in results), results
+    events = await client.wait_events(2)
+    assert [e.data for e in events] == ['"\\ud800"', "2"]
+    assert publisher.batches == before + 1
+    client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_events_sent_one_by_one_after_a_refusal_record_their_own_latency(
+    services, pg_dsn, monkeypatch
+):
+    # When Postgres refuses a batch statement, its events are sent again one
+    # by one; each publish's latency still counts from its own start.
+    running = await services.start(dsn=pg_dsn)
+    service = running.service
+    run = publisher_module._PublishConnection.run
+
+    async def refusing(self: Any, name: bytes, *args: Any) -> None:
+        if name == self.MANY:
+            raise publisher_module._StatementRefused("refused for the test")
+        await run(self, name, *args)
+
+    monkeypatch.setattr(publisher_module._PublishConnection, "run", refusing)
+    topic = unique_topic()
+    response = await http(
+        "POST",
+        running.url("/topics"),
+        {"events": [{"topic": topic, "data": n} for n in range(3)]},
+    )
+    assert response.code == 200, response.body
+    histogram = service.metrics.publish_latency()
+    samples = {s.name: s.value for s in histogram.samples if not s.labels}
+    assert samples["ssepg_publish_latency_seconds_count"] == 3
+    assert samples["ssepg_publish_latency_seconds_sum"] < 3 * DEADLINE_S
+
+
+@pytest.mark.allow_warnings
+@pytest.mark.gen_test(timeout=60)
+async def test_the_first_reconnect_succeeds_when_every_connection_was_cut(
+    services, pg_dsn
+):
+    # As after a Postgres restart: the idle connection that sends the
+    # listener's round-trip NOTIFY died too, which shows only when it is
+    # used; it is replaced there and then, so the first reconnect succeeds.
+    running = await services.start(dsn=pg_dsn, queue_poll_interval=3600.0)
+    broker = running.service.broker
+    monitor = broker.monitor._conn
+    assert monitor is not None and not monitor.closed
+    attempts = broker.reconnect_attempts
+    old = broker.listener_pid
+    for pid in (old, monitor.pgconn.backend_pid):
+        terminate_backend(pg_dsn, pid)
+    await wait_until(
+        lambda: broker.is_connected and broker.listener_pid != old,
+        message="listener back",
+    )
+    assert broker.reconnect_attempts == attempts + 1
+    assert broker.listen_error is None
+
+
+@pytest.mark.parametrize("http_server", ["front", "tornado"])
+@pytest.mark.gen_test(timeout=60)
+async def test_a_publish_whose_client_left_holds_until_it_is_over(
+    services, pg_dsn, http_server, monkeypatch
+):
+    # The client leaves while its publish waits for Postgres' confirmation:
+    # the publish goes on, and so does its hold on the fan-outs, as for a
+    # client that stays; then every count comes back to rest. (Released at
+    # the close, the hold would leave its heard event counted against
+    # another publish's hold.)
+    from ssepg.handlers import TopicEventsHandler
+
+    running = await services.start(dsn=pg_dsn)
+    service = running.service
+    dispatcher = service.dispatcher
+    loop = asyncio.get_running_loop()
+    gate = loop.create_future()
+    submit = service.broker.submit
+
+    def gated(*args: Any) -> asyncio.Future[None]:
+        confirmed = submit(*args)
+        out: asyncio.Future[None] = loop.create_future()
+
+        async def later() -> None:
+            await gate
+            try:
+                await confirmed
+            except Exception as exc:
+                out.set_exception(exc)
+            else:
+                out.set_result(None)
+
+        asyncio.ensure_future(later())
+        return out
+
+    monkeypatch.setattr(service.broker, "submit", gated)
+    closed = asyncio.Event()
+    close = TopicEventsHandler.on_connection_close
+
+    def noting(self: Any) -> None:
+        close(self)
+        closed.set()
+
+    monkeypatch.setattr(TopicEventsHandler, "on_connection_close", noting)
+    server = service.listen(0, "127.0.0.1", tornado_server=http_server == "tornado")
+    topic = unique_topic()
+    client = await subscribe(running, topic)
+    sock = await raw_connect(bound_port(server))
+    body = b'{"data":"left"}'
+    try:
+        await loop.sock_sendall(
+            sock,
+            (
+                f"POST /topics/{topic}/events HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body,
+        )
+        # Committed and heard back, not yet confirmed to the publisher.
+        assert [e.json for e in await client.wait_events(1)] == ["left"]
+        assert (dispatcher._holds, dispatcher._heard_early) == (1, 1)
+        sock.close()
+        if http_server == "tornado":
+            await asyncio.wait_for(closed.wait(), DEADLINE_S)
+        else:
+            await wait_until(lambda: not server._connections, message="client gone")
+        assert (dispatcher._holds, dispatcher._heard_early) == (1, 1)
+    finally:
+        gate.set_result(None)
+    await wait_until(
+        lambda: (
+            (dispatcher._holds, dispatcher._heard_early, dispatcher._expected)
+            == (0, 0, set())
+        ),
+        message="counts at rest",
+    )
+    client.close()
