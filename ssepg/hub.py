@@ -362,7 +362,7 @@ class Dispatcher:
     def release(self) -> None:
         """The event announced by `hold` was ingested, or will not come."""
         self._holds -= 1
-        if self._parked and self._holds <= self._heard_early:
+        if self._parked and not self._is_holding():
             self._unpark()
 
     def expect(self, event_id: str) -> None:
@@ -380,8 +380,12 @@ class Dispatcher:
         else:
             self._heard_early -= 1
 
+    def _is_holding(self) -> bool:
+        # Some held publish's event has not been heard back yet.
+        return self._holds > self._heard_early
+
     def _should_wait(self) -> bool:
-        if self._holds <= self._heard_early:
+        if not self._is_holding():
             return False
         now = self.loop.time()
         if self._waiting_since is None:
@@ -420,7 +424,7 @@ class Dispatcher:
         for held events that have all been heard meanwhile. For the broker,
         once it has ingested what it read: nothing else can join those
         fan-outs before the next turn, so waiting for it only adds latency."""
-        if self._parked and self._holds <= self._heard_early:
+        if self._parked and not self._is_holding():
             self._unpark(now=True)
         due = self._due
         for index in range(len(due)):
