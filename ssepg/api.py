@@ -447,14 +447,23 @@ def publish(
         return
     # The caller holds fan-outs back for this event (Dispatcher.hold): once
     # it is heard back they may go, without waiting for the confirmation.
+    # Hearing it proves Postgres committed it, so the answer goes then too,
+    # if it comes before the confirmation.
     dispatcher = service.dispatcher
-    dispatcher.expect(event_id)
+    answered = False
+
+    def answer(result: bytes | ApiError) -> None:
+        nonlocal answered
+        if not answered:
+            answered = True
+            dispatcher.settle(event_id)
+            done(result)
 
     def settled(fut: asyncio.Future[None]) -> None:
-        dispatcher.settle(event_id)
         exc = fut.exception()
-        done(_publish_failure(exc) if exc else _publish_answer(topic, event_id, data))
+        answer(_publish_failure(exc) if exc else _publish_answer(topic, event_id, data))
 
+    dispatcher.expect(event_id, lambda: answer(_publish_answer(topic, event_id, data)))
     confirmed.add_done_callback(settled)
 
 

@@ -81,6 +81,7 @@ DROPPED_TOPICS_REMEMBERED = 100_000
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 
 _monotonic = time.monotonic
+_NOT_EXPECTED = object()
 
 # Kernel send buffer of a subscriber socket, before the kernel doubles it.
 SEND_BUFFER_BYTES = 128 * 1024
@@ -191,10 +192,12 @@ class Dispatcher:
         self._channels: set[Channel] = set()
         self._streams: set[Subscriber] = set()
         self._holds = 0
-        # Events of held publishes not heard back yet, and how many of the
-        # holds are for events already heard (they no longer hold anything).
-        self._expected: set[str] = set()
+        # Events of held publishes not heard back yet (with what to call
+        # once one is), and how many of the holds are for events already
+        # heard (they no longer hold anything).
+        self._expected: dict[str, Callable[[], None] | None] = {}
         self._heard_early = 0
+        self._on_heard: list[Callable[[], None]] = []
         self._waiting_since: float | None = None
         self._parked: list[tuple[Callable[..., None], tuple[object, ...]]] = []
         self._park_timer: asyncio.TimerHandle | None = None
@@ -298,8 +301,7 @@ class Dispatcher:
             self.ring_overwrites += 1
         self._index[event_id] = msg
         if self._expected and event_id in self._expected:
-            self._expected.discard(event_id)
-            self._heard_early += 1
+            self._heard(event_id)
         self.received += 1
         t.last_activity = _monotonic()
         ch = t.channel
@@ -365,20 +367,33 @@ class Dispatcher:
         if self._parked and not self._is_holding():
             self._unpark()
 
-    def expect(self, event_id: str) -> None:
+    def expect(self, event_id: str, on_heard: Callable[[], None] | None = None) -> None:
         """Name the event a held publish sent to the broker. Once it is
         heard back, its hold no longer keeps fan-outs waiting, although the
-        publish may wait a little longer for the broker's confirmation.
-        Call while holding; pair with `settle` before the `release`."""
-        self._expected.add(event_id)
+        publish may wait a little longer for the broker's confirmation,
+        and *on_heard* is called: after the fan-outs that `fan_out_now`
+        runs, or else on the next loop turn. Call while holding; pair with
+        `settle` before the `release`."""
+        self._expected[event_id] = on_heard
 
     def settle(self, event_id: str) -> None:
-        """The publish of *event_id* (see `expect`) is over: confirmed or
-        failed."""
-        if event_id in self._expected:
-            self._expected.discard(event_id)
-        else:
+        """The publish of *event_id* (see `expect`) is over: confirmed,
+        failed, or heard back."""
+        if self._expected.pop(event_id, _NOT_EXPECTED) is _NOT_EXPECTED:
             self._heard_early -= 1
+
+    def _heard(self, event_id: str) -> None:
+        on_heard = self._expected.pop(event_id)
+        self._heard_early += 1
+        if on_heard is not None:
+            if not self._on_heard:
+                self.loop.call_soon(self._call_on_heard)
+            self._on_heard.append(on_heard)
+
+    def _call_on_heard(self) -> None:
+        calls, self._on_heard = self._on_heard, []
+        for call in calls:
+            call()
 
     def _is_holding(self) -> bool:
         # Some held publish's event has not been heard back yet.
@@ -436,6 +451,8 @@ class Dispatcher:
         if handle is not None:
             handle.cancel()
             self._drain_multi()
+        if self._on_heard:
+            self._call_on_heard()
 
     def _schedule_drain(self, index: int) -> None:
         ready_at = self._shard_ready_at[index]

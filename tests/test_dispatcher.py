@@ -401,7 +401,7 @@ async def test_a_held_publish_whose_event_was_heard_holds_nothing_back(
         for event_id in (first, second):
             d.settle(event_id)
             d.release()
-        assert (d._holds, d._heard_early, d._expected) == (0, 0, set())
+        assert (d._holds, d._heard_early, d._expected) == (0, 0, {})
         assert [e.data for e in await take(sub, 2)] == [1, 2]
     finally:
         d.close()

@@ -943,42 +943,53 @@ async def test_the_first_reconnect_succeeds_when_every_connection_was_cut(
     assert broker.listen_error is None
 
 
+def gate_publishes(
+    service: Any, loop: asyncio.AbstractEventLoop, *, send: bool
+) -> tuple[asyncio.Future[None], asyncio.Event]:
+    """Keep publishes of *service* waiting for the returned gate: before
+    they are sent to Postgres if *send*, else only their confirmation. The
+    event is set once a gated publish is over."""
+    gate: asyncio.Future[None] = loop.create_future()
+    over = asyncio.Event()
+    submit = service.broker.submit
+
+    def gated(*args: Any) -> asyncio.Future[None]:
+        confirmed = None if send else submit(*args)
+        out: asyncio.Future[None] = loop.create_future()
+
+        async def later() -> None:
+            await gate
+            try:
+                await (submit(*args) if confirmed is None else confirmed)
+            except Exception as exc:
+                out.set_exception(exc)
+            else:
+                out.set_result(None)
+            over.set()
+
+        asyncio.ensure_future(later())
+        return out
+
+    service.broker.submit = gated
+    return gate, over
+
+
 @pytest.mark.parametrize("http_server", ["front", "tornado"])
 @pytest.mark.gen_test(timeout=60)
 async def test_a_publish_whose_client_left_holds_until_it_is_over(
     services, pg_dsn, http_server, monkeypatch
 ):
-    # The client leaves while its publish waits for Postgres' confirmation:
-    # the publish goes on, and so does its hold on the fan-outs, as for a
-    # client that stays; then every count comes back to rest. (Released at
-    # the close, the hold would leave its heard event counted against
-    # another publish's hold.)
+    # The client leaves while its publish waits for Postgres: the publish
+    # goes on, and so does its hold on the fan-outs, as for a client that
+    # stays; then every count comes back to rest. (Released at the close,
+    # the hold would let fan-outs go before the event they wait for.)
     from ssepg.handlers import TopicEventsHandler
 
     running = await services.start(dsn=pg_dsn)
     service = running.service
     dispatcher = service.dispatcher
     loop = asyncio.get_running_loop()
-    gate = loop.create_future()
-    submit = service.broker.submit
-
-    def gated(*args: Any) -> asyncio.Future[None]:
-        confirmed = submit(*args)
-        out: asyncio.Future[None] = loop.create_future()
-
-        async def later() -> None:
-            await gate
-            try:
-                await confirmed
-            except Exception as exc:
-                out.set_exception(exc)
-            else:
-                out.set_result(None)
-
-        asyncio.ensure_future(later())
-        return out
-
-    monkeypatch.setattr(service.broker, "submit", gated)
+    gate, _ = gate_publishes(service, loop, send=True)
     closed = asyncio.Event()
     close = TopicEventsHandler.on_connection_close
 
@@ -1001,22 +1012,66 @@ async def test_a_publish_whose_client_left_holds_until_it_is_over(
             ).encode()
             + body,
         )
-        # Committed and heard back, not yet confirmed to the publisher.
-        assert [e.json for e in await client.wait_events(1)] == ["left"]
-        assert (dispatcher._holds, dispatcher._heard_early) == (1, 1)
+        # Read and held, not yet sent to Postgres.
+        await wait_until(lambda: len(dispatcher._expected) == 1, message="held")
         sock.close()
         if http_server == "tornado":
             await asyncio.wait_for(closed.wait(), DEADLINE_S)
         else:
             await wait_until(lambda: not server._connections, message="client gone")
-        assert (dispatcher._holds, dispatcher._heard_early) == (1, 1)
+        assert (dispatcher._holds, dispatcher._heard_early) == (1, 0)
     finally:
         gate.set_result(None)
+    assert [e.json for e in await client.wait_events(1)] == ["left"]
     await wait_until(
         lambda: (
             (dispatcher._holds, dispatcher._heard_early, dispatcher._expected)
-            == (0, 0, set())
+            == (0, 0, {})
         ),
         message="counts at rest",
     )
+    client.close()
+
+
+@pytest.mark.parametrize("http_server", ["front", "tornado"])
+@pytest.mark.gen_test(timeout=60)
+async def test_a_publish_is_answered_once_its_event_is_heard_back(
+    services, pg_dsn, http_server
+):
+    # Hearing its own event back proves Postgres committed it: the publish
+    # is answered then, without waiting for the confirmation, and the
+    # confirmation arriving later changes nothing.
+    running = await services.start(dsn=pg_dsn)
+    service = running.service
+    dispatcher = service.dispatcher
+    loop = asyncio.get_running_loop()
+    gate, over = gate_publishes(service, loop, send=False)
+    server = service.listen(0, "127.0.0.1", tornado_server=http_server == "tornado")
+    url = f"http://127.0.0.1:{bound_port(server)}"
+    topic = unique_topic()
+    client = await subscribe(running, topic)
+    try:
+        response = await http("POST", f"{url}/topics/{topic}/events", {"data": "early"})
+        assert response.code == 200, response.body
+        assert not gate.done() and not over.is_set()
+        answer = json.loads(response.body)
+        assert [(e.id, e.json) for e in await client.wait_events(1)] == [
+            (answer["id"], "early")
+        ]
+        await wait_until(
+            lambda: (
+                (dispatcher._holds, dispatcher._heard_early, dispatcher._expected)
+                == (0, 0, {})
+            ),
+            message="counts at rest",
+        )
+    finally:
+        gate.set_result(None)
+    await asyncio.wait_for(over.wait(), DEADLINE_S)
+    assert (dispatcher._holds, dispatcher._heard_early, dispatcher._expected) == (
+        0,
+        0,
+        {},
+    )
+    assert service.health()["totals"]["published"] >= 1
     client.close()
