@@ -463,7 +463,12 @@ def publish(
         exc = fut.exception()
         answer(_publish_failure(exc) if exc else _publish_answer(topic, event_id, data))
 
-    dispatcher.expect(event_id, lambda: answer(_publish_answer(topic, event_id, data)))
+    def heard() -> None:
+        # Committed: should its connection fail now, it is not sent again.
+        service.broker.heard_back(confirmed)
+        answer(_publish_answer(topic, event_id, data))
+
+    dispatcher.expect(event_id, heard)
     confirmed.add_done_callback(settled)
 
 

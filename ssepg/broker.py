@@ -127,6 +127,11 @@ class Broker:
                 raise NotImplementedError("an asynchronous broker needs its own")
         return None
 
+    def heard_back(self, confirmed: asyncio.Future[None]) -> None:
+        """The event whose `submit` returned *confirmed* was heard back, so
+        the broker has taken it, whatever becomes of the confirmation. An
+        asynchronous broker must then never send it again."""
+
     async def publish(
         self, topic: str, event_id: str, event: str, data: bytes, envelope: bytes
     ) -> None:
@@ -540,6 +545,10 @@ class PostgresBroker(Broker):
         return self._publisher.submit(
             channel, envelope, self.config.publish_timeout, topic
         )
+
+    def heard_back(self, confirmed: asyncio.Future[None]) -> None:
+        if self._publisher is not None:
+            self._publisher.heard_back(confirmed)
 
     def submit_many(
         self, events: list[tuple[str, str, str, bytes, bytes]]

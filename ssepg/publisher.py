@@ -297,6 +297,9 @@ class Publisher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: list[list[_Item] | None] = [None] * PUBLISH_CONNECTIONS
         self._deadline_timer: asyncio.TimerHandle | None = None
+        # Sent events heard back before their confirmation: committed, so a
+        # retry after a lost connection must not send them again.
+        self._heard: set[_Waiter] = set()
         self._log = RateLimitedLog(broker_log, 30)
         self.batches = 0
         self.is_connected = False
@@ -327,6 +330,11 @@ class Publisher:
             self._deadline_timer = loop.call_later(timeout, self._expire)
         self._kick()
         return group.future
+
+    def heard_back(self, waiter: _Waiter) -> None:
+        """*waiter*'s event was heard back: Postgres committed it."""
+        if not waiter.done():
+            self._heard.add(waiter)
 
     def _expire(self) -> None:
         # One timer serves every publish (no task or timer each): it fails
@@ -437,7 +445,7 @@ class Publisher:
         timeout = broker.config.publish_timeout
         attempts = broker.config.publish_retries + 1
         for attempt in range(attempts):
-            batch = [item for item in batch if not item[2].done()]
+            batch = self._unsettled(batch)
             if not batch:
                 return
             try:
@@ -463,20 +471,32 @@ class Publisher:
                 if attempt + 1 < attempts:
                     await broker.sleep(_backoff(attempt) / 4)
                 continue
+            self.batches += 1
             self._confirm(batch)
             return
-        for _, _, fut, _, _ in batch:
-            if not fut.done():
-                fut.set_exception(BrokerError("Postgres is unreachable"))
+        for _, _, fut, _, _ in self._unsettled(batch):
+            fut.set_exception(BrokerError("Postgres is unreachable"))
+
+    def _unsettled(self, batch: list[_Item]) -> list[_Item]:
+        # What of a batch is still to send: neither over nor heard back. A
+        # heard event was committed by an earlier attempt; it counts as
+        # taken now, instead of going out (and being delivered) twice.
+        if self._heard:
+            heard = [item for item in batch if item[2] in self._heard]
+            if heard:
+                self._confirm(heard)
+        return [item for item in batch if not item[2].done()]
 
     def _confirm(self, batch: list[_Item]) -> None:
         # Postgres took these: wake their publishers and count them, here in
         # one pass rather than in a callback per future.
-        self.batches += 1
         report = self._broker.on_published
         timeout = self._broker.config.publish_timeout
+        heard = self._heard
         now = _now()
         for _, _, fut, deadline, topic in batch:
+            if heard:
+                heard.discard(fut)
             if not fut.done():
                 fut.set_result(None)
                 if report is not None:
@@ -499,6 +519,7 @@ class Publisher:
                 await self._drop(slot)
                 fut.set_exception(BrokerError(f"publish failed: {_describe(exc)}"))
             else:
+                self.batches += 1
                 self._confirm([(channel, payload, fut, deadline, topic)])
 
     def drop_connections(self) -> None:

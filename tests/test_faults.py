@@ -1075,3 +1075,49 @@ async def test_a_publish_is_answered_once_its_event_is_heard_back(
     )
     assert service.health()["totals"]["published"] >= 1
     client.close()
+
+
+@pytest.mark.allow_warnings
+@pytest.mark.gen_test(timeout=60)
+async def test_a_publish_heard_back_is_not_sent_again_after_its_connection_fails(
+    services, pg_dsn, monkeypatch
+):
+    # The connection fails after Postgres committed a publish and before its
+    # confirmation arrived, but the event was heard back (and answered)
+    # meanwhile: the retry must not send it again, since a second copy
+    # reaches subscribers once the first has left the replay window.
+    running = await services.start(dsn=pg_dsn)
+    service = running.service
+    publisher = service.broker._publisher
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[None] = loop.create_future()
+    sent: list[bytes] = []
+    run = publisher_module._PublishConnection.run
+
+    async def lost_after_commit(self: Any, name: bytes, params: Any, *rest: Any):
+        sent.append(params[-1])
+        await run(self, name, params, *rest)
+        if len(sent) == 1:
+            await answered
+            raise OSError("connection lost for the test")
+
+    monkeypatch.setattr(publisher_module._PublishConnection, "run", lost_after_commit)
+    topic = unique_topic()
+    client = await subscribe(running, topic)
+    try:
+        answer = await publish(running, topic, "once")
+    finally:
+        answered.set_result(None)
+    await wait_until(
+        lambda: not any(publisher._busy), message="the publish connection's work over"
+    )
+    after = await publish(running, topic, "after")
+    assert [(e.id, e.json) for e in await client.wait_events(2)] == [
+        (answer["id"], "once"),
+        (after["id"], "after"),
+    ]
+    assert len(sent) == 2  # "once" a single time, then "after"
+    totals = service.health()["totals"]
+    assert (totals["published"], totals["duplicates"]) == (2, 0)
+    assert not publisher._heard
+    client.close()
