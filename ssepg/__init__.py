@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+try:
+    from . import _fast  # noqa: F401  (the compiled core; checked first)
+except ImportError as exc:  # pragma: no cover - depends on how it was installed
+    raise ImportError(
+        f"ssepg's compiled core (ssepg._fast) is missing from {__path__[0]}: "
+        "this is a source tree that was not built. Build it in place with "
+        "`pip install -e .`, or run from outside the source tree so that "
+        "the installed ssepg is imported"
+    ) from exc
+
 from .config import Config
 from .errors import (
     BrokerError,
